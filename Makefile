@@ -1,0 +1,35 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both create/reuse .venv.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+ARTIFACTS ?= artifacts
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint bench-data clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 first: a CPU build lies on this disk; letting pip resolve `torch`
+# on its own would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python jobs/prepare_data.py --dataset movielens-100k --output $(ARTIFACTS)/ml-100k
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check recsys_ray jobs tests
+
+bench-data: $(STAMP)
+	$(BIN)/python jobs/bench_data.py --sizes 1000000 10000000 --output $(ARTIFACTS)/bench_data
+
+clean:
+	rm -rf $(ARTIFACTS) .pytest_cache

