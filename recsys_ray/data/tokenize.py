@@ -47,17 +47,21 @@ def load_tokenizer(name: str):
         raise DataError(f"cannot load tokenizer {name!r}: {str(exc).splitlines()[0]}") from None
 
 
+def vocab_digest(tok) -> str:
+    """sha256 of the vocabulary in id order: equal digests = the same token ids for the same text."""
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256("\n".join(k for k, _ in vocab).encode()).hexdigest()
+
+
 def tokenizer_info(name: str) -> dict:
     """What the manifest records about the tokenizer, so a mismatched model can be refused."""
     tok = load_tokenizer(name)
-    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    digest = hashlib.sha256("\n".join(k for k, _ in vocab).encode()).hexdigest()
     return {
         "name": name,
         "path": tokenizer_path(name),
         "class": type(tok).__name__,
-        "vocab_size": len(vocab),
-        "vocab_sha256": digest,
+        "vocab_size": len(tok.get_vocab()),
+        "vocab_sha256": vocab_digest(tok),
         "cls_token_id": tok.cls_token_id,
         "sep_token_id": tok.sep_token_id,
         "pad_token_id": tok.pad_token_id,
