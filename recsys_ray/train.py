@@ -116,6 +116,7 @@ class TrainConfig:
     log_every: int = 10  # rank 0 prints a progress line every N steps
     seed: int = 0  # model init, data order, dropout
     torch_threads: int = 0  # intra-op threads per worker (0 = CPUs per worker)
+    fail_at_step: int = 0  # fault-injection for tests: rank 0 raises once at this step of a fresh run
 
     def problems(self) -> list[str]:
         out = []
@@ -123,7 +124,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 out.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("negatives", "max_steps_per_epoch", "max_context_tokens", "checkpoint_every_steps",
-                     "max_failures", "torch_threads"):
+                     "max_failures", "torch_threads", "fail_at_step"):
             if getattr(self, name) < 0:
                 out.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.loss != "softmax" and self.negatives < 1:
@@ -180,8 +181,9 @@ class ItemTable:
         return len(self.ids)
 
     @classmethod
-    def from_data_dir(cls, data_dir: str | os.PathLike) -> ItemTable:
-        return cls(pads.dataset(str(Path(data_dir) / "items"), format="parquet").to_table(columns=["item_id", "input_ids"]))
+    def from_data_dir(cls, data_dir: str) -> ItemTable:
+        path = f"{str(data_dir).rstrip('/')}/items"
+        return cls(pads.dataset(path, format="parquet").to_table(columns=["item_id", "input_ids"]))
 
 
 def length_buckets(rows: list[dict], batch_size: int, rng: random.Random, key: str = "context_ids") -> list[list[dict]]:
@@ -363,11 +365,10 @@ def _rows(batch: dict) -> list[dict]:
     return [{k: cols[k][i] for k in names} for i in range(n)]
 
 
-def _table_rows(ds_shard) -> list[dict]:
-    out: list[dict] = []
-    for batch in ds_shard.iter_batches(batch_size=4096, batch_format="pyarrow"):
-        out.extend(batch.to_pylist())
-    return out
+def read_rows(data_dir: str, split: str) -> list[dict]:
+    """A small split (valid / test) as row dicts."""
+    path = f"{data_dir.rstrip('/')}/examples/split={split}"
+    return pads.dataset(path, format="parquet").to_table().to_pylist()
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -384,8 +385,9 @@ def train_loop_per_worker(config: dict) -> None:
     _set_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
 
-    items = ItemTable(pa.Table.from_pylist(_table_rows(ray.train.get_dataset_shard("items"))))
-    valid_rows = _table_rows(ray.train.get_dataset_shard("valid"))
+    # small tables, read straight from the data directory (shared path or s3://) by every worker
+    items = ItemTable.from_data_dir(run["data"])
+    valid_rows = read_rows(run["data"], "valid")
     if cfg.eval.max_users:
         valid_rows = valid_rows[: cfg.eval.max_users]
     tokenizer = load_tokenizer(cfg.model.encoder)
@@ -428,7 +430,12 @@ def train_loop_per_worker(config: dict) -> None:
     def micro_batches():
         """Endless stream of length-bucketed micro-batches over this worker's shard."""
         while True:
-            for chunk in shard.iter_batches(batch_size=micro * cfg.bucket_batches, batch_format="numpy"):
+            for chunk in shard.iter_batches(
+                batch_size=micro * cfg.bucket_batches,
+                batch_format="numpy",
+                local_shuffle_buffer_size=micro * cfg.bucket_batches * 4,
+                local_shuffle_seed=bucket_rng.randrange(1 << 30),
+            ):
                 yield from length_buckets(_rows(chunk), micro, bucket_rng)
 
     stream = micro_batches()
@@ -457,6 +464,8 @@ def train_loop_per_worker(config: dict) -> None:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             global_step += 1
+            if cfg.fail_at_step and global_step == cfg.fail_at_step and not checkpoint and rank == 0:
+                raise RuntimeError(f"injected failure at step {global_step} (fail_at_step)")
             if rank == 0 and (global_step % cfg.log_every == 0 or step_in_epoch == spe - 1):
                 dt = time.perf_counter() - t0
                 log.info(
@@ -549,16 +558,21 @@ def build_trainer(cfg: TrainConfig, run_plan: dict | None = None, name: str | No
 
     run_plan = run_plan or plan(cfg)
     data = Path(cfg.data).resolve()
-    datasets = {
-        "train": ray.data.read_parquet(str(data / "examples" / "split=train")).random_shuffle(seed=cfg.seed),
-        "valid": ray.data.read_parquet(str(data / "examples" / "split=valid")),
-        "items": ray.data.read_parquet(str(data / "items"), columns=["item_id", "input_ids"]),
-    }
+    train = ray.data.read_parquet(str(data / "examples" / "split=train"), shuffle="files")
+    train = train.randomize_block_order(seed=cfg.seed)
+    cpus = ray.cluster_resources().get("CPU", 0)
+    per_worker = float((cfg.resources_per_worker or {}).get("CPU", 1))
+    if cpus - cfg.num_workers * per_worker < 1:
+        # No CPU would be left for Ray Data's read tasks once the workers hold theirs (2 CPUs,
+        # 2 workers): they would wait forever. Read the split now, while the CPUs are free;
+        # the workers then stream their shards from the object store.
+        train = train.materialize()
+    datasets = {"train": train}
     resources = dict(cfg.resources_per_worker) or None
     storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": to_dict(cfg), "run": run_plan},
+        train_loop_config={"train": to_dict(cfg), "run": {**run_plan, "data": str(data)}},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name or cfg.name,

@@ -139,30 +139,34 @@ def sample_negatives(
     out = np.full((num_rows, k), -1, dtype=np.int64)
     if k == 0 or num_rows == 0:
         return out
-    available = num_items - len(excluded)
-    want = min(k, available)
+    banned = set(np.asarray(excluded).tolist())
+    want = min(k, num_items - len(banned))
     if want <= 0:
         return out
-    draw = max(2 * k, 8)
+
+    def draw(shape) -> np.ndarray:
+        if cdf is None:
+            return rng.integers(0, num_items, size=shape)
+        return np.minimum(np.searchsorted(cdf, rng.random(shape), side="right"), num_items - 1)
+
+    # one vectorised draw for all rows; the per-row filter is a short pure-Python loop
+    # (np.isin per row cost ~40 us, half of the example builder's time)
+    cand = draw((num_rows, 2 * k + 8)).tolist()
     for r in range(num_rows):
         chosen: list[int] = []
-        for _ in range(50):  # rejection sampling; the loop exits after one round almost always
-            cand = (
-                rng.integers(0, num_items, size=draw)
-                if cdf is None
-                else np.minimum(np.searchsorted(cdf, rng.random(draw), side="right"), num_items - 1)
-            )
-            cand = cand[~np.isin(cand, excluded, assume_unique=False)]
-            for c in cand:
-                if c not in chosen:
-                    chosen.append(int(c))
+        pool = cand[r]
+        for _ in range(50):  # rejection sampling; one round almost always suffices
+            for c in pool:
+                if c not in banned and c not in chosen:
+                    chosen.append(c)
                     if len(chosen) == want:
                         break
             if len(chosen) == want:
                 break
+            pool = draw(2 * k + 8).tolist()
         else:  # pathological weights: fill uniformly from what is left
-            pool = np.setdiff1d(np.arange(num_items), np.concatenate([excluded, chosen]))
-            chosen += rng.choice(pool, size=want - len(chosen), replace=False).tolist()
+            left = np.setdiff1d(np.arange(num_items), np.fromiter(banned | set(chosen), dtype=np.int64))
+            chosen += rng.choice(left, size=want - len(chosen), replace=False).tolist()
         out[r, :want] = chosen
     return out
 

@@ -501,11 +501,13 @@ def _run(cfg, src, refs, user_refs, profile_cols, catalogue, text_cols, tok, out
             "items": items.select(["item_id", "text", "full_ids"]),
             "popularity": popularity,
         },
-        compute=pool,
+        # a fixed-size pool: an autoscaling one stays at one actor while the writer holds a CPU
+        compute=ActorPoolStrategy(size=actors),
         batch_size=256,
         batch_format="pyarrow",
     )
-    examples.write_parquet(str(out / "examples"), partition_cols=["split"])
+    # writing is I/O next to the CPU-bound actors; a whole CPU per write task would idle one actor
+    examples.write_parquet(str(out / "examples"), partition_cols=["split"], ray_remote_args={"num_cpus": 0.1})
     timings["examples"] = time.perf_counter() - t
 
     example_counts = {s: _count_rows(out / "examples" / f"split={s}") for s in SPLITS}
