@@ -588,6 +588,24 @@ def build_trainer(cfg: TrainConfig, run_plan: dict | None = None, name: str | No
     )
 
 
+def _worker_error(exc: BaseException) -> str:
+    """The first line of the most useful error inside a Ray Train failure (ours if there is one)."""
+    from recsys_ray.runtime import unwrap_task_error
+
+    failures = list(getattr(exc, "worker_failures", {}).values())
+    for cause in [*failures, getattr(exc, "controller_failure", None), exc]:
+        if cause is None:
+            continue
+        inner = unwrap_task_error(cause)
+        if isinstance(inner, RecsysError):
+            return str(inner).splitlines()[0]
+    for cause in failures:
+        lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()]
+        if lines:
+            return lines[-1].strip()
+    return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+
+
 def fit(cfg: TrainConfig) -> dict:
     """Train (or resume a run of the same name) and return the summary the job prints."""
     from recsys_ray.runtime import init_ray
@@ -595,9 +613,12 @@ def fit(cfg: TrainConfig) -> dict:
     run_plan = plan(cfg)
     init_ray()
     t0 = time.perf_counter()
-    result = build_trainer(cfg, run_plan).fit()
+    try:
+        result = build_trainer(cfg, run_plan).fit()
+    except Exception as exc:  # Ray Train raises WorkerGroupError / ControllerError
+        raise RecsysError(f"training failed: {_worker_error(exc)}") from exc
     if result.error:
-        raise RecsysError(f"training failed: {str(result.error).splitlines()[0]}")
+        raise RecsysError(f"training failed: {_worker_error(result.error)}")
     best = result.get_best_checkpoint(METRIC, "max") if result.best_checkpoints else result.checkpoint
     metrics = result.metrics or {}
     return {
