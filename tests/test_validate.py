@@ -12,7 +12,10 @@ from recsys_ray.errors import DataError
 CATALOGUE = {"i1", "i2", "i3"}
 
 
-def _validate(table, columns=ColumnMap(value="value"), unit="s", malformed=()):
+VALUE_COLUMNS = ColumnMap(value="value")
+
+
+def _validate(table, columns=VALUE_COLUMNS, unit="s", malformed=()):
     table = table.append_column("__row", pa.array(range(table.num_rows), pa.int64()))
     return validate_batch(
         table, columns=columns, timestamp_unit=unit, catalogue=CATALOGUE,

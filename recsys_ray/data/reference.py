@@ -18,7 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys_ray.config import DataConfig
-from recsys_ray.data.examples import EXAMPLE_SCHEMA, ExampleBuilder, ExampleSettings, build_sequences
+from recsys_ray.data.examples import (
+    EXAMPLE_SCHEMA,
+    ExampleBuilder,
+    ExampleSettings,
+    build_sequences,
+)
 from recsys_ray.data.files import list_files
 from recsys_ray.data.pipeline import load_catalogue, resolve_source
 from recsys_ray.data.text import render_profile

@@ -1,0 +1,48 @@
+"""Print a training summary (the JSON line of jobs/train.py) as a small readable table.
+
+    python -m recsys_ray.report artifacts/demo-train.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def format_summary(summary: dict) -> str:
+    """Validation metrics of the best checkpoint, one per line, plus where things are."""
+    m = summary.get("metrics", {})
+    rows = [
+        ("protocol", m.get("protocol")),
+        ("NDCG@10", m.get("ndcg@10")),
+        ("HR@10", m.get("hr@10")),
+        ("MRR@10", m.get("mrr@10")),
+        ("MRR", m.get("mrr")),
+        ("epochs", m.get("epoch")),
+        ("steps", m.get("global_step")),
+        ("train loss", m.get("train_loss")),
+        ("samples/s", m.get("samples_per_s")),
+        ("seconds", summary.get("seconds")),
+        ("best checkpoint", summary.get("best_checkpoint")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = ["validation metrics of the best checkpoint (leave-last-out; protocol full = every item ranked):"]
+    for k, v in rows:
+        shown = f"{v:.4f}" if isinstance(v, float) else str(v)
+        lines.append(f"  {k:<{width}}  {shown}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 1:
+        raise SystemExit("usage: python -m recsys_ray.report SUMMARY.json")
+    text = Path(args[0]).read_text().strip().splitlines()
+    if not text:
+        raise SystemExit(f"{args[0]}: empty (did training fail? see its log above)")
+    print(format_summary(json.loads(text[-1])))
+
+
+if __name__ == "__main__":
+    main()
