@@ -501,8 +501,12 @@ def _run(cfg, src, refs, user_refs, profile_cols, catalogue, text_cols, tok, out
             "items": items.select(["item_id", "text", "full_ids"]),
             "popularity": popularity,
         },
-        # a fixed-size pool: an autoscaling one stays at one actor while the writer holds a CPU
+        # A fixed-size pool (an autoscaling one stays at one actor while the writer holds a CPU),
+        # each actor a little under one CPU: with whole CPUs the writer gets no budget on a small
+        # machine, the actors' output piles up in the object store and everything stalls
+        # (seen at 10M events on 2 CPUs).
         compute=ActorPoolStrategy(size=actors),
+        num_cpus=0.8,
         batch_size=256,
         batch_format="pyarrow",
     )
