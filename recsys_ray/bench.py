@@ -389,10 +389,9 @@ def run_benchmark(cfg: BenchConfig, command: str = "") -> dict:
         raise RecsysError("--gpu: no CUDA GPU is visible to this process (torch.cuda.is_available() is False)")
     out = Path(cfg.output).resolve()
     cpus = os.cpu_count() or 1
-    load_before = os.getloadavg()[0]  # other work on the machine skews every number below
+    busy_before = busy_cpus()  # other work on the machine skews every number below
     device = _device(cfg)
-    storage = tempfile.mkdtemp(prefix="bench_train_runs.")  # checkpoints are not kept
-    tc = train_config(cfg, 1, storage, "plain")
+    tc = train_config(cfg, 1, str(out / "runs"), "plain")  # the plain loop never writes there
     plan(tc)  # data, manifest, tokenizer and negatives checked before anything is timed
     manifest = read_manifest(cfg.data)
     tokenizer = load_tokenizer(tc.model.encoder)
@@ -437,7 +436,11 @@ def run_benchmark(cfg: BenchConfig, command: str = "") -> dict:
         if have < workers:
             skipped[name] = f"the cluster has {have:g} {'GPU' if cfg.gpu else 'CPU'}(s), {workers} needed"
             continue
-        res = run_ray(cfg, workers, storage)
+        storage = tempfile.mkdtemp(prefix="bench_train_runs.")  # run storage: checkpoints are not kept
+        try:
+            res = run_ray(cfg, workers, storage)
+        finally:
+            _remove(storage)
         # Ray reports samples/s; tokens and FLOPs per sample come from the plain loop's batches
         peak = peaks["1"] * workers  # each worker is one process with one thread (one GPU)
         res.update({
@@ -461,7 +464,8 @@ def run_benchmark(cfg: BenchConfig, command: str = "") -> dict:
             "cpus": cpus,
             "torch": torch.__version__,
             "ray": ray.__version__,
-            "load_avg_1min": {"start": load_before, "end": os.getloadavg()[0]},
+            "busy_cpus_at_start": busy_before,
+            "load_avg_1min": os.getloadavg()[0],
         },
         "model": {
             "name": cfg.model, "kind": cfg.kind, "layers": fm.layers, "hidden": fm.hidden,
@@ -474,12 +478,11 @@ def run_benchmark(cfg: BenchConfig, command: str = "") -> dict:
         "runs": runs,
         "skipped": skipped,
         "ratios": ratios,
-        "notes": _notes(cfg, load_before, cpus),
+        "notes": _notes(cfg, busy_before),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(render_markdown(results))
-    shutil.rmtree(storage, ignore_errors=True)
     return {
         "output": str(out),
         "results": str(out / "results.json"),
@@ -487,6 +490,16 @@ def run_benchmark(cfg: BenchConfig, command: str = "") -> dict:
         "ratios": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in ratios.items()},
         "skipped": skipped,
     }
+
+
+def _remove(path: str, tries: int = 10) -> None:
+    """Delete a run's storage; Ray may still be cleaning up checkpoints in it for a moment."""
+    for _ in range(tries):
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path):
+            return
+        time.sleep(0.5)
+    log.warning("could not remove %s", path)
 
 
 def _ratios(runs: dict[str, dict]) -> dict:
@@ -507,13 +520,31 @@ def _ratios(runs: dict[str, dict]) -> dict:
     return out
 
 
-def _notes(cfg: BenchConfig, load: float, cpus: int) -> list[str]:
-    busy = [] if load < 0.5 * cpus else [
-        f"WARNING: the 1-minute load average was {load:.1f} on {cpus} CPUs when the benchmark started: "
-        "other processes shared the CPUs, so these numbers (multi-threaded runs most of all) are not "
+def busy_cpus(seconds: float = 1.0) -> float | None:
+    """CPUs' worth of work other processes did over ``seconds`` (Linux /proc/stat; None elsewhere)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+        return sum(ticks) - idle, sum(ticks)
+
+    try:
+        busy0, all0 = sample()
+        time.sleep(seconds)
+        busy1, all1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy1 - busy0) / max(1, all1 - all0) * (os.cpu_count() or 1)
+
+
+def _notes(cfg: BenchConfig, busy: float | None) -> list[str]:
+    warn = [] if busy is None or busy < 0.25 else [
+        f"WARNING: other processes kept {busy:.1f} CPUs busy when the benchmark started: they shared "
+        "the CPUs with every run, so these numbers (multi-threaded runs most of all) are not "
         "representative. Rerun on an idle machine."
     ]
-    return [*busy,
+    return [*warn,
         "Ray samples/s are train_loop_per_worker's own metric for epoch 2 of 2: rank-0 samples x world "
         "/ rank-0 time over the epoch's steps (validation and checkpoints excluded). Epoch 1 "
         "(cold_samples_per_s) includes the first forward/backward and the start of streaming.",

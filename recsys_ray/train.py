@@ -18,6 +18,7 @@ import os
 import random
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Literal
 
@@ -229,7 +230,12 @@ class Collator:
             items = build_single_batch([self.items.tokens[i] for i in flat], self.special)
             out.update({f"user_{k}": v for k, v in users.items()})
             out.update({f"item_{k}": v for k, v in items.items()})
-        out["tokens"] = torch.tensor(sum(len(c) for c in ctx) + sum(len(self.items.tokens[i]) for cs in cands for i in cs))
+        # non-padding tokens the encoder actually processes (a ranker encodes the context per pair)
+        if self.kind == "ranker":
+            n_tokens = sum((len(c) + 3) * len(cs) + sum(len(self.items.tokens[i]) for i in cs) for c, cs in zip(ctx, cands, strict=True))
+        else:
+            n_tokens = sum(len(c) + 2 for c in ctx) + sum(len(self.items.tokens[i]) + 2 for cs in cands for i in cs)
+        out["tokens"] = torch.tensor(n_tokens)
         return out
 
 
@@ -314,7 +320,8 @@ def validate(model: BertRecommender, rows: list[dict], items: ItemTable, special
         for r in mine:
             pos = items.index[r["target_item_id"]]
             seen = {items.index[i] for i in r["seen_item_ids"]} | {pos}
-            rng = np.random.default_rng([cfg.eval.seed, abs(hash(r["user_id"])) % (1 << 31)])
+            # crc32, not hash(): str hashes are randomised per process, the list must not be
+            rng = np.random.default_rng([cfg.eval.seed, zlib.crc32(r["user_id"].encode("utf-8"))])
             pool = np.setdiff1d(np.arange(len(items)), np.fromiter(seen, dtype=np.int64))
             negs = rng.choice(pool, size=min(n - 1, len(pool)), replace=False)
             cands = [pos, *negs.tolist()]
@@ -449,7 +456,9 @@ def train_loop_per_worker(config: dict) -> None:
         for step_in_epoch in range(start_step, spe):
             for a in range(accum):
                 rows = next(stream)
-                batch = {k: v.to(device) for k, v in collate(rows).items()}
+                cpu_batch = collate(rows)
+                seen_tokens += int(cpu_batch["tokens"])  # counted on the CPU: no device sync
+                batch = {k: v.to(device) for k, v in cpu_batch.items()}
                 sync = a == accum - 1 or not hasattr(step_module, "no_sync")
                 with (contextlib.nullcontext() if sync else step_module.no_sync()), autocast:
                     own, inbatch = step_module(batch)
@@ -457,7 +466,6 @@ def train_loop_per_worker(config: dict) -> None:
                 loss.backward()
                 loss_sum += float(loss.detach()) * accum
                 seen_examples += len(rows)
-                seen_tokens += int(batch["tokens"])
             if cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
             optimizer.step()
