@@ -347,17 +347,12 @@ def run_plain(cfg: BenchConfig, tc: TrainConfig, batches: list[list[dict]], item
 
 def run_ray(cfg: BenchConfig, workers: int, storage: str) -> dict:
     """Fit the project's TorchTrainer (2 epochs of ``cfg.steps``) and read what the loop reported."""
-    from recsys_ray.train import _worker_error, build_trainer
+    from recsys_ray.train import build_trainer, run_trainer
 
     tc = train_config(cfg, workers, storage, f"bench-{workers}w")
     run_plan = plan(tc)
     t = time.perf_counter()
-    try:
-        result = build_trainer(tc, run_plan).fit()
-    except Exception as exc:  # Ray Train raises WorkerGroupError / ControllerError
-        raise RecsysError(f"ray run with {workers} worker(s) failed: {_worker_error(exc)}") from exc
-    if result.error:
-        raise RecsysError(f"ray run with {workers} worker(s) failed: {_worker_error(result.error)}")
+    result = run_trainer(build_trainer(tc, run_plan), f"ray run with {workers} worker(s)")
     wall = time.perf_counter() - t
     epochs = sorted((m for _, m in result.best_checkpoints), key=lambda m: m["epoch"])
     if len(epochs) < 2:
@@ -552,8 +547,8 @@ def _notes(cfg: BenchConfig, busy: float | None) -> list[str]:
         "(Ray streams and buckets inside it); both collate inside the timed loop.",
         "tokens_per_s = non-padding tokens (sum of attention masks, [CLS]/[SEP] included). For Ray it is "
         "estimated: its samples/s x the plain loop's non-padding tokens per sample. train_tokens_per_s "
-        "is train.py's own count (context + candidate ids once per row, no specials; a ranker's context "
-        "is counted once, not once per candidate pair).",
+        "is train.py's own count of the non-padding tokens it encodes ([CLS]/[SEP] included; a ranker's "
+        "context once per candidate pair).",
         "FLOPs: 3 x forward, forward = 2*P_layers*R*L + 4*layers*H*L^2*R + 2*P_head*R per encoder call "
         "(padding included). MFU counts padding FLOPs as work: compare samples/s for useful throughput. "
         "Peak: plain runs, the matmul with the run's thread count; Ray runs, workers x the 1-thread "

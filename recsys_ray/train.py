@@ -614,6 +614,17 @@ def _worker_error(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
 
 
+def run_trainer(trainer, what: str = "training") -> object:
+    """``trainer.fit()`` with worker failures turned into one-line RecsysErrors."""
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray Train raises WorkerGroupError / ControllerError
+        raise RecsysError(f"{what} failed: {_worker_error(exc)}") from exc
+    if result.error:
+        raise RecsysError(f"{what} failed: {_worker_error(result.error)}")
+    return result
+
+
 def fit(cfg: TrainConfig) -> dict:
     """Train (or resume a run of the same name) and return the summary the job prints."""
     from recsys_ray.runtime import init_ray
@@ -621,12 +632,7 @@ def fit(cfg: TrainConfig) -> dict:
     run_plan = plan(cfg)
     init_ray()
     t0 = time.perf_counter()
-    try:
-        result = build_trainer(cfg, run_plan).fit()
-    except Exception as exc:  # Ray Train raises WorkerGroupError / ControllerError
-        raise RecsysError(f"training failed: {_worker_error(exc)}") from exc
-    if result.error:
-        raise RecsysError(f"training failed: {_worker_error(result.error)}")
+    result = run_trainer(build_trainer(cfg, run_plan))
     best = result.get_best_checkpoint(METRIC, "max") if result.best_checkpoints else result.checkpoint
     metrics = result.metrics or {}
     return {

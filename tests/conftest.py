@@ -39,3 +39,19 @@ def tokenizer():
     from recsys_ray.data.tokenize import load_tokenizer
 
     return load_tokenizer("default")
+
+
+@pytest.fixture(scope="session")
+def syn_data(ray_session, tmp_path_factory) -> str:
+    """A small synthetic log, prepared once per session."""
+    from recsys_ray.config import DataConfig, build_config
+    from recsys_ray.data.pipeline import prepare
+
+    out = tmp_path_factory.mktemp("syn") / "data"
+    cfg = build_config(
+        DataConfig,
+        {"dataset": "synthetic", "output": str(out), "max_history": 5},
+        ["synthetic.num_users=200", "synthetic.num_items=150", "synthetic.num_events=4000"],
+    )
+    prepare(cfg)
+    return str(out)

@@ -17,7 +17,6 @@ from recsys_ray.bench import (
     token_counts,
     train_config,
 )
-from recsys_ray.config import DataConfig, build_config
 from recsys_ray.errors import RecsysError
 from recsys_ray.model import BertRecommender, load_tokenizer, special_ids
 from recsys_ray.train import Collator, ItemTable, ScoreStep, read_manifest
@@ -26,20 +25,11 @@ RUNS = ("plain_1t", "plain_1t_fixed_pad", "plain_2t", "ray_1w", "ray_2w")
 
 
 @pytest.fixture(scope="module")
-def bench_data(ray_session, tmp_path_factory) -> str:
-    from recsys_ray.data.pipeline import prepare
-
-    out = tmp_path_factory.mktemp("bench") / "data"
-    cfg = build_config(
-        DataConfig,
-        {"dataset": "synthetic", "output": str(out), "max_history": 5},
-        ["synthetic.num_users=100", "synthetic.num_items=120", "synthetic.num_events=2000"],
-    )
-    prepare(cfg)
-    return str(out)
+def bench_data(syn_data) -> str:
+    """The session's small synthetic dataset (tests/conftest.py)."""
+    return syn_data
 
 
-@pytest.mark.slow
 def test_smallest_benchmark_reports_every_number(bench_data, tmp_path):
     cfg = load_bench_config({
         "data": bench_data, "model": "tiny", "steps": 3, "warmup_steps": 1, "batch_size": 8,

@@ -13,7 +13,6 @@ import pytest
 import torch
 import yaml
 
-from recsys_ray.config import DataConfig, build_config
 from recsys_ray.errors import ConfigError, DataError, RecsysError
 from recsys_ray.model import BertRecommender, ModelConfig, load_tokenizer, special_ids
 from recsys_ray.train import (
@@ -30,21 +29,6 @@ from recsys_ray.train import (
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
-
-
-@pytest.fixture(scope="session")
-def syn_data(ray_session, tmp_path_factory) -> str:
-    """A small synthetic log, prepared once per session."""
-    from recsys_ray.data.pipeline import prepare
-
-    out = tmp_path_factory.mktemp("syn") / "data"
-    cfg = build_config(
-        DataConfig,
-        {"dataset": "synthetic", "output": str(out), "max_history": 5},
-        ["synthetic.num_users=200", "synthetic.num_items=150", "synthetic.num_events=4000"],
-    )
-    prepare(cfg)
-    return str(out)
 
 
 def _cfg(data: str, tmp: Path, **over) -> object:

@@ -117,6 +117,11 @@ class ExampleSettings:
     popularity_alpha: float
     seed: int
 
+    @classmethod
+    def from_config(cls, cfg) -> ExampleSettings:
+        """The example-building fields of a DataConfig."""
+        return cls(**{f: getattr(cfg, f) for f in cls.__dataclass_fields__})
+
 
 def user_rng(seed: int, user_id: str) -> np.random.Generator:
     """Per-user generator: negatives do not depend on how users are spread over blocks."""

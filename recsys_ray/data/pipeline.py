@@ -484,16 +484,7 @@ def _run(cfg, src, refs, user_refs, profile_cols, catalogue, text_cols, tok, out
 
     # 3. examples: contexts, negatives and token ids on the actor pool (tokenizer once per actor)
     t = time.perf_counter()
-    settings = ExampleSettings(
-        tokenizer=cfg.tokenizer,
-        max_history=cfg.max_history,
-        max_context_tokens=cfg.max_context_tokens,
-        min_history=cfg.min_history,
-        negatives=cfg.negatives,
-        negative_sampling=cfg.negative_sampling,
-        popularity_alpha=cfg.popularity_alpha,
-        seed=cfg.seed,
-    )
+    settings = ExampleSettings.from_config(cfg)
     examples = sequences.map_batches(
         ExampleBuilder,
         fn_constructor_kwargs={

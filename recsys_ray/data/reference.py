@@ -78,11 +78,7 @@ def prepare_pandas(cfg: DataConfig) -> dict:
     pq.write_table(sequences, out / "sequences.parquet")
 
     # examples in chunks of users (the same ExampleBuilder, called in-process)
-    settings = ExampleSettings(
-        tokenizer=cfg.tokenizer, max_history=cfg.max_history, max_context_tokens=cfg.max_context_tokens,
-        min_history=cfg.min_history, negatives=cfg.negatives, negative_sampling=cfg.negative_sampling,
-        popularity_alpha=cfg.popularity_alpha, seed=cfg.seed,
-    )
+    settings = ExampleSettings.from_config(cfg)
     if cfg.negative_sampling == "popularity":
         raise ValueError("the reference implementation covers uniform negatives only")
     builder = ExampleBuilder(settings, items.select(["item_id", "text", "full_ids"]), None)
