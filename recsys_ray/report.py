@@ -36,12 +36,20 @@ def format_summary(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = argv if argv is not None else sys.argv[1:]
+    best_only = bool(args) and args[0] == "--best-checkpoint"
+    args = args[1:] if best_only else args
     if len(args) != 1:
-        raise SystemExit("usage: python -m recsys_ray.report SUMMARY.json")
+        raise SystemExit("usage: python -m recsys_ray.report [--best-checkpoint] SUMMARY.json")
     text = Path(args[0]).read_text().strip().splitlines()
     if not text:
         raise SystemExit(f"{args[0]}: empty (did training fail? see its log above)")
-    print(format_summary(json.loads(text[-1])))
+    summary = json.loads(text[-1])
+    if best_only:
+        if not summary.get("best_checkpoint"):
+            raise SystemExit(f"{args[0]}: no best_checkpoint in the summary")
+        print(summary["best_checkpoint"])
+        return
+    print(format_summary(summary))
 
 
 if __name__ == "__main__":

@@ -523,6 +523,10 @@ def _report(model, tokenizer, optimizer, scheduler, state: dict, metrics: dict, 
             }
             model.save(tmp, extra=extra, tokenizer=tokenizer)
             save_train_state(tmp, optimizer, scheduler, state)
+            # the catalogue (ids, texts, token ids, train counts): serving needs nothing but the checkpoint
+            from recsys_ray.predict import CATALOGUE_FILE, Catalogue
+
+            Catalogue.from_data_dir(run["data"]).save(os.path.join(tmp, CATALOGUE_FILE))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -644,3 +648,30 @@ def fit(cfg: TrainConfig) -> dict:
     }
 
 
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory, or a run directory -> its best checkpoint (by ``METRIC``).
+
+    A run directory is what ``storage_path/name`` holds: ``checkpoint_manager_snapshot.json``
+    lists every kept checkpoint with its reported metrics.
+    """
+    if str(path).startswith("s3://"):
+        return str(path)
+    p = Path(path)
+    if (p / "model.safetensors").is_file() or not p.is_dir():
+        return str(p)  # a checkpoint (or a missing path: the loader names it)
+    snapshot = p / "checkpoint_manager_snapshot.json"
+    if snapshot.is_file():
+        try:
+            results = json.loads(snapshot.read_text()).get("checkpoint_results", [])
+        except ValueError as exc:
+            raise RecsysError(f"{snapshot}: unreadable ({exc})") from None
+        scored = [r for r in results if (p / r.get("checkpoint_dir_name", "")).is_dir()]
+        if scored:
+            best = max(scored, key=lambda r: (r.get("metrics", {}).get(METRIC, float("-inf")), r.get("version", 0)))
+            return str(p / best["checkpoint_dir_name"])
+    found = sorted(d for d in p.glob("checkpoint_*") if (d / "model.safetensors").is_file())
+    if not found:
+        raise RecsysError(f"{path}: neither a checkpoint nor a run directory with checkpoints")
+    return str(found[-1])

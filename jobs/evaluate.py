@@ -1,0 +1,54 @@
+"""Offline evaluation on the test split: fine-tuned models vs popularity and EASE.
+
+    python jobs/evaluate.py --data artifacts/ml-100k --checkpoint RUN/checkpoint_... --output artifacts/eval
+    python jobs/evaluate.py --data DIR --checkpoint SEED0 SEED1 SEED2 --ranker RANKER --output DIR
+
+Full ranking over the whole catalogue (history masked), Ray Data batch inference with the same
+predictor class Ray Serve wraps. Writes metrics.json, report.md and PNG plots into --output,
+prints the table, and ends with a one-line JSON summary. A run directory (with
+checkpoint_manager_snapshot.json) may be given instead of a checkpoint: its best one is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from recsys_ray.cli import run_job
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="prepared data directory (jobs/prepare_data.py output)")
+    parser.add_argument("--checkpoint", nargs="*", default=[], help="retriever checkpoint(s) or run dir(s), one per seed")
+    parser.add_argument("--ranker", nargs="*", default=[], help="ranker checkpoint(s): one, or one per --checkpoint")
+    parser.add_argument("--output", default="artifacts/eval")
+    parser.add_argument("--rerank-top", type=int, default=50, help="two-stage: how many retrieved items the ranker rescores")
+    parser.add_argument("--sampled", action="store_true", help="also report the (labelled) sampled 1+99 protocol")
+    parser.add_argument("--max-users", type=int, default=0, help="evaluate the first N test users only (smoke runs)")
+    parser.add_argument("--no-baselines", action="store_true")
+    args = parser.parse_args(argv)
+
+    def job() -> dict:
+        from recsys_ray.evaluate import EvalSettings, evaluate, format_table
+        from recsys_ray.train import resolve_checkpoint
+
+        settings = EvalSettings(
+            data=args.data,
+            checkpoints=[resolve_checkpoint(p) for p in args.checkpoint],
+            rankers=[resolve_checkpoint(p) for p in args.ranker],
+            output=args.output,
+            rerank_top=args.rerank_top,
+            sampled=args.sampled,
+            max_users=args.max_users,
+            baselines=not args.no_baselines,
+        )
+        out = evaluate(settings)
+        print(format_table(out["result"]), file=sys.stderr)
+        return out["summary"]
+
+    return run_job(job)
+
+
+if __name__ == "__main__":
+    main()
