@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 ARTIFACTS ?= artifacts
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench-data bench-train clean
+.PHONY: setup demo test lint bench-data bench-train bench-serve tune-tiny clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,12 @@ bench-data: $(STAMP)
 
 bench-train: $(STAMP)
 	$(BIN)/python jobs/bench_train.py --data $(ARTIFACTS)/ml-100k --model minilm --output $(ARTIFACTS)/bench_train
+
+# A 12-trial Ray Tune sweep of the tiny preset (minutes); report in $(ARTIFACTS)/tune/<name>/report/.
+TUNE_NAME ?= tune-tiny-$(shell date +%Y%m%d-%H%M%S)
+tune-tiny: $(STAMP)
+	test -f $(ARTIFACTS)/syn-tiny/manifest.json || $(BIN)/python jobs/prepare_data.py --dataset synthetic --output $(ARTIFACTS)/syn-tiny --set synthetic.num_users=200 --set synthetic.num_items=300 --set synthetic.num_events=4000
+	$(BIN)/python jobs/tune.py --config configs/tune-tiny.yaml --set train.data=$(ARTIFACTS)/syn-tiny --set tune.storage_path=$(ARTIFACTS)/tune --set tune.name=$(TUNE_NAME)
 
 clean:
 	rm -rf $(ARTIFACTS) .pytest_cache

@@ -7,6 +7,9 @@ Full ranking over the whole catalogue (history masked), Ray Data batch inference
 predictor class Ray Serve wraps. Writes metrics.json, report.md and PNG plots into --output,
 prints the table, and ends with a one-line JSON summary. A run directory (with
 checkpoint_manager_snapshot.json) may be given instead of a checkpoint: its best one is used.
+
+    python jobs/evaluate.py --merge EVAL_SEED0/metrics.json EVAL_SEED1/metrics.json --output DIR
+combines separate runs (one job per seed, e.g. in parallel on a cluster) into one report.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from recsys_ray.cli import run_job
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="prepared data directory (jobs/prepare_data.py output)")
+    parser.add_argument("--data", help="prepared data directory (jobs/prepare_data.py output)")
+    parser.add_argument("--merge", nargs="+", metavar="METRICS_JSON",
+                        help="instead of scoring: combine metrics.json files of separate runs (e.g. one per seed)")
     parser.add_argument("--checkpoint", nargs="*", default=[], help="retriever checkpoint(s) or run dir(s), one per seed")
     parser.add_argument("--ranker", nargs="*", default=[], help="ranker checkpoint(s): one, or one per --checkpoint")
     parser.add_argument("--output", default="artifacts/eval")
@@ -29,8 +34,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-baselines", action="store_true")
     args = parser.parse_args(argv)
 
+    if not args.merge and not args.data:
+        parser.error("--data is required (or --merge)")
+
     def job() -> dict:
-        from recsys_ray.evaluate import EvalSettings, evaluate, format_table
+        from recsys_ray.evaluate import EvalSettings, evaluate, format_table, merge_results
+
+        if args.merge:
+            out = merge_results(args.merge, args.output)
+            print(format_table(out["result"]), file=sys.stderr)
+            return out["summary"]
         from recsys_ray.train import resolve_checkpoint
 
         settings = EvalSettings(

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as pads
 
+from recsys_ray.errors import RecsysError
 from recsys_ray.metrics import MetricAccumulator, sampled_ranks, target_ranks
 
 log = logging.getLogger(__name__)
@@ -324,6 +325,7 @@ def write_report(result: dict, out: Path) -> dict[str, str]:
             es = [m["std"][f"{metric}@{k}"] for k in KS]
             ax.errorbar(KS, ys, yerr=es if m["seeds"] > 1 else None, marker="o", capsize=3, label=name)
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(KS, [str(k) for k in KS])
         ax.set_xlabel("K")
         ax.set_ylabel(f"{metric.upper()}@K")
@@ -340,8 +342,8 @@ def write_report(result: dict, out: Path) -> dict[str, str]:
     x = np.arange(len(names))
     for i, key in enumerate(HEADLINE):
         ys = [full[n]["mean"][key] for n in names]
-        es = [full[n]["std"][key] for n in names]
-        bars = ax.bar(x + (i - 0.5) * 0.38, ys, 0.38, yerr=es, capsize=3, label=key.upper())
+        es = [full[n]["std"][key] if full[n]["seeds"] > 1 else 0.0 for n in names]
+        bars = ax.bar(x + (i - 0.5) * 0.38, ys, 0.38, yerr=es if any(es) else None, capsize=3, label=key.upper())
         ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
     ax.set_xticks(x, names, rotation=15, ha="right", fontsize=8)
     ax.set_ylabel("test metric")
@@ -454,6 +456,37 @@ def evaluate(settings: EvalSettings) -> dict:
     summary = {"output": settings.output, **files, "seconds": result["seconds"],
                "headline": {n: {k: round(m["mean"][k], 4) for k in HEADLINE} for n, m in models.items()}}
     return {"summary": summary, "result": result}
+
+
+def merge_results(paths: Sequence[str], output: str) -> dict:
+    """Combine metrics.json files of separate runs over the same data (e.g. one per seed, run as
+    separate jobs): each model's per-seed rows are concatenated; deterministic baselines kept once."""
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    first = results[0]
+    for p, r in zip(paths, results, strict=True):
+        if r.get("data_fingerprint") != first.get("data_fingerprint") or r.get("num_users") != first.get("num_users"):
+            raise RecsysError(f"{p}: evaluated on other data or users than {paths[0]}; cannot merge")
+    models: dict[str, dict] = {}
+    for r in results:
+        for name, m in r["models"].items():
+            if name not in models:
+                models[name] = {k: v for k, v in m.items() if k not in ("mean", "std", "seeds")}
+                models[name]["per_seed"] = list(m["per_seed"])
+                models[name]["checkpoints"] = list(m.get("checkpoints") or [])
+            elif m.get("checkpoints"):  # a model row (baselines have no checkpoints: kept once)
+                models[name]["per_seed"] += m["per_seed"]
+                models[name]["checkpoints"] += m["checkpoints"]
+                if "betas" in m:
+                    models[name]["betas"] = models[name].get("betas", []) + m["betas"]
+    for m in models.values():
+        m.update(aggregate(m["per_seed"]))
+    notes = list(dict.fromkeys(n for r in results for n in r.get("notes", [])))
+    result = {**first, "models": models, "notes": notes, "merged_from": list(paths),
+              "seconds": round(sum(r.get("seconds", 0) for r in results), 1)}
+    files = write_report(result, Path(output))
+    return {"summary": {"output": output, **files, "merged": len(paths),
+                        "headline": {n: {k: round(m["mean"][k], 4) for k in HEADLINE} for n, m in models.items()}},
+            "result": result}
 
 
 def main_table(path: str | os.PathLike) -> str:

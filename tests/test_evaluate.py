@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from recsys_ray.errors import ConfigError, RecsysError
-from recsys_ray.evaluate import EvalSettings, RankUDF, baseline_ranks, evaluate, metrics_of
+from recsys_ray.evaluate import EvalSettings, RankUDF, baseline_ranks, evaluate, merge_results, metrics_of
 from recsys_ray.model import BertRecommender, ModelConfig
 from recsys_ray.predict import Catalogue, Predictor, PredictorConfig, UnknownItems
 from recsys_ray.train import read_manifest, resolve_checkpoint
@@ -183,6 +183,11 @@ def test_evaluate_writes_metrics_report_and_plots_for_every_model(ray_session, s
     # a retrieval miss stays a miss: two-stage HR@N can never beat the retriever's recall@N
     recall = result["models"]["two-stage"]["retriever_recall@N"]["mean"]
     assert result["models"]["two-stage"]["mean"]["hr@10"] <= recall + 1e-9
+    # separate runs (one job per seed) merge into one report: model rows add up, baselines stay once
+    merged = merge_results([str(out / "metrics.json")] * 2, str(tmp_path / "merged"))["result"]
+    assert merged["models"]["retriever"]["seeds"] == 4 and merged["models"]["EASE"]["seeds"] == 1
+    assert merged["models"]["retriever"]["mean"]["ndcg@10"] == pytest.approx(result["models"]["retriever"]["mean"]["ndcg@10"])
+    assert "| two-stage |" in (tmp_path / "merged" / "report.md").read_text()
 
 
 def test_evaluate_refuses_bad_settings_before_ray_starts(syn_data, tmp_path):
