@@ -14,7 +14,14 @@ import pytest
 import torch
 
 from recsys_ray.errors import ConfigError, RecsysError
-from recsys_ray.evaluate import EvalSettings, RankUDF, baseline_ranks, evaluate, merge_results, metrics_of
+from recsys_ray.evaluate import (
+    EvalSettings,
+    RankUDF,
+    baseline_ranks,
+    evaluate,
+    merge_results,
+    metrics_of,
+)
 from recsys_ray.model import BertRecommender, ModelConfig
 from recsys_ray.predict import Catalogue, Predictor, PredictorConfig, UnknownItems
 from recsys_ray.train import read_manifest, resolve_checkpoint
