@@ -482,12 +482,22 @@ class ServeBackend:
         self.retriever, self.ranker, self.limits = retriever, ranker, limits
 
     async def _call(self, method, *args, **kwargs) -> dict:
-        try:
-            out = await method.remote(*args, **kwargs)
-        except BackPressureError:
-            raise overloaded("the model deployment's queue is full") from None
-        except DeploymentUnavailableError as exc:
-            raise ApiError(503, exc.message) from None
+        from ray.exceptions import RayActorError
+
+        for attempt in (1, 2):
+            try:
+                out = await method.remote(*args, **kwargs)
+                break
+            except BackPressureError:
+                raise overloaded("the model deployment's queue is full") from None
+            except DeploymentUnavailableError as exc:
+                raise ApiError(503, exc.message) from None
+            except RayActorError as exc:
+                # the replica died under the request (scale-down past its grace period, a crash):
+                # scoring is idempotent, so try another replica once, then tell the client to retry
+                log.warning("model replica lost (attempt %d): %s", attempt, str(exc).splitlines()[0])
+                if attempt == 2:
+                    raise overloaded("a model replica went away") from None
         if "error" in out:
             detail = {"message": out["error"]}
             if "unknown_item_ids" in out:

@@ -329,6 +329,44 @@ def test_retriever_only_app_scores_with_cosine_and_sheds_overload_with_503(serve
         serve.delete(name)
 
 
+def test_a_lost_replica_is_retried_once_then_a_503_not_a_500():
+    """A replica killed under a request (scale-down past its grace period): scoring is idempotent,
+    so the ingress retries once on another replica, then answers 503 + Retry-After."""
+    import asyncio
+
+    from ray.exceptions import ActorDiedError
+
+    from recsys_ray.serve import ApiError, Limits, ScoreRequest, ServeBackend
+
+    class FlakyMethod:
+        def __init__(self, failures: int):
+            self.failures, self.calls = failures, 0
+
+        def remote(self, *args, **kwargs):
+            self.calls += 1
+            fail = self.calls <= self.failures
+
+            async def answer():
+                if fail:
+                    raise ActorDiedError()
+                return {"scores": [1.0], "batch_size": 1}
+
+            return answer()
+
+    class Handle:
+        def __init__(self, failures):
+            self.score = FlakyMethod(failures)
+
+    req = ScoreRequest.model_validate({"user": {}, "item_ids": ["a"]})
+    once = Handle(failures=1)
+    out, batch = asyncio.run(ServeBackend(once, None, Limits()).score(req))
+    assert out.scores == [1.0] and once.score.calls == 2
+    twice = Handle(failures=2)
+    with pytest.raises(ApiError) as err:
+        asyncio.run(ServeBackend(twice, None, Limits()).score(req))
+    assert err.value.status == 503 and err.value.headers["Retry-After"] == "1" and twice.score.calls == 2
+
+
 # --------------------------------------------------------------------------- start-up failures
 
 
