@@ -370,7 +370,7 @@ def offline_throughput(ckpt: dict[str, str], bodies: list[dict], cfg: BenchServe
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t0)
-        results[f"{threads} threads, {bs} pairs per pass"] = round(len(ctx) / best, 2)
+        results[f"{threads} thread{'s' if threads > 1 else ''}, {bs} pairs per pass"] = round(len(ctx) / best, 2)
         log.info("offline score_pairs, %d threads, %d pairs per pass: %.1f pairs/s", threads, bs, len(ctx) / best)
     torch.set_num_threads(threads_before)
     return {"pairs_per_s": results, "best_pairs_per_s": max(results.values()), "pairs": cfg.offline_pairs}
@@ -705,10 +705,13 @@ def results_markdown(res: dict) -> str:
         "| server | load | req/s | pairs/s | p50 ms | p95 ms | p99 ms | errors | 503 | mean batch | ranker replicas |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    def clients(c) -> str:
+        return f"closed, {c} client{'s' if int(c) > 1 else ''}"
+
     for c, r in plain["closed"].items():
-        lines.append(row("plain FastAPI", f"closed, {c} clients", r))
+        lines.append(row("plain FastAPI", clients(c), r))
     for c, r in serve["closed"].items():
-        lines.append(row("Ray Serve", f"closed, {c} clients", r))
+        lines.append(row("Ray Serve", clients(c), r))
     for label, r in serve["batch_compare"].items():
         lines.append(row(f"Ray Serve, batch {label} (max {r['max_batch_size']})",
                          f"closed, {res['batch_compare_concurrency']} clients", r))
@@ -727,7 +730,7 @@ def results_markdown(res: dict) -> str:
         f"| `@serve.batch` on / off, req/s at {res['batch_compare_concurrency']} clients | {fmt(ratios['batch_on_over_off'], 2)} |",
     ]
     for c, v in ratios["serve_over_plain_by_concurrency"].items():
-        lines.append(f"| Ray Serve / plain, req/s at {c} clients | {fmt(v, 2)} |")
+        lines.append(f"| Ray Serve / plain, req/s at {clients(c).removeprefix('closed, ')} | {fmt(v, 2)} |")
     lines += [
         f"| Ray Serve best / offline best, pairs/s (target >= {res['targets']['serve_over_offline_target']}) | "
         f"{fmt(ratios['serve_best_over_offline_pairs'], 2)} |",

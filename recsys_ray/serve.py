@@ -22,7 +22,9 @@ Batch size and wait are the model deployments' ``user_config`` (``max_batch_size
 ``batch_wait_timeout_s``), applied by ``reconfigure`` without restarting replicas. Scoring is the
 offline Predictor's own code, so served scores equal offline ones. Bad requests are 4xx (422 bad
 fields / unknown ids, 413 too many candidates or too big a body), overload is 503 with
-``Retry-After`` (``max_queued_requests`` reached), never a 500. A missing or mismatched checkpoint
+``Retry-After`` (``max_queued_requests`` reached), never a 500; a request whose model replica
+died under it (a scale-down past its grace period) is retried once on another replica, then
+answered 503 + ``Retry-After``. A missing or mismatched checkpoint
 fails :func:`build_app` (local paths) or the replica constructor (``s3://``) with the reason.
 
 The same :func:`create_api` routes also run in one plain process (``recsys_ray.serve_plain``), the
