@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import time
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ import numpy as np
 import pyarrow.dataset as pads
 
 from recsys_ray.errors import RecsysError
-from recsys_ray.metrics import MetricAccumulator, sampled_ranks, target_ranks
+from recsys_ray.metrics import MetricAccumulator, sample_unseen, sampled_ranks, target_ranks
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +85,6 @@ def split_path(data: str, split: str) -> str:
 def _seen_rows(items_index: dict, seen: Sequence[str], target: int) -> np.ndarray:
     rows = np.fromiter((items_index[i] for i in seen), dtype=np.int64, count=len(seen))
     return rows[rows != target]  # a repeat of a history item is still a legitimate hit
-
-
-def _sample_negatives(user_id: str, seen: np.ndarray, target: int, num_items: int, n: int, seed: int) -> np.ndarray:
-    """The sampled protocol's negatives: n uniform unseen items, seeded by (seed, crc32(user))."""
-    rng = np.random.default_rng([seed, zlib.crc32(str(user_id).encode("utf-8"))])
-    pool = np.setdiff1d(np.arange(num_items), np.append(seen, target))
-    return rng.choice(pool, size=min(n, len(pool)), replace=False)
 
 
 # --- the Ray Data UDF ----------------------------------------------------------------------------
@@ -152,7 +144,7 @@ class RankUDF:
         if p.ranker is not None and self.sampled:
             ranks = np.empty(n, np.int64)
             for j in range(n):
-                negs = _sample_negatives(batch["user_id"][j], seen[j], int(targets[j]), len(items), self.sampled, self.seed)
+                negs = sample_unseen(batch["user_id"][j], np.append(seen[j], targets[j]), len(items), self.sampled, self.seed)
                 sc = p.rerank(contexts[j], np.concatenate([[targets[j]], negs]))
                 ranks[j] = int(sampled_ranks(sc[:1], sc[None, 1:])[0])
             out["rank_sampled_ranker"] = ranks
@@ -161,7 +153,7 @@ class RankUDF:
     def _sampled(self, batch, raw, targets, seen) -> np.ndarray:
         ranks = np.empty(len(targets), np.int64)
         for j in range(len(targets)):
-            negs = _sample_negatives(batch["user_id"][j], seen[j], int(targets[j]), raw.shape[1], self.sampled, self.seed)
+            negs = sample_unseen(batch["user_id"][j], np.append(seen[j], targets[j]), raw.shape[1], self.sampled, self.seed)
             ranks[j] = int(sampled_ranks(raw[j, targets[j]][None], raw[j, negs][None])[0])
         return ranks
 

@@ -12,6 +12,7 @@ users in batches (a few hundred to a few thousand rows) and combine the batches 
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -125,6 +126,17 @@ def target_ranks(
     above = scores[rows, cols] >= target_score[rows]
     ranks -= np.bincount(rows[above], minlength=num_users)
     return ranks.astype(np.int64)
+
+
+def sample_unseen(user_id: str, exclude: np.ndarray, num_items: int, n: int, seed: int) -> np.ndarray:
+    """The sampled protocol's negatives: ``n`` uniform items not in ``exclude`` (history + target).
+
+    Seeded by ``(seed, crc32(user_id))``, not ``hash()`` (str hashes are randomised per process),
+    so every process and every run draws the same list for a user.
+    """
+    rng = np.random.default_rng([seed, zlib.crc32(str(user_id).encode("utf-8"))])
+    pool = np.setdiff1d(np.arange(num_items), np.asarray(exclude, dtype=np.int64))
+    return rng.choice(pool, size=min(n, len(pool)), replace=False)
 
 
 def sampled_ranks(scores_target: np.ndarray, scores_negatives: np.ndarray) -> np.ndarray:

@@ -553,6 +553,22 @@ def build_single_batch(
     return _pad(rows, [len(r) for r in rows], pad_id)
 
 
+@torch.no_grad()
+def encode_batched(model: BertRecommender, ids_list: Sequence[Sequence[int]], special: tuple[int, int, int],
+                   device: torch.device | str, batch_size: int) -> torch.Tensor:
+    """Retriever vectors (N, H) of token-id lists, float32 on CPU, in the given order.
+
+    Rows are sorted by length into batches (similar lengths together: little padding).
+    """
+    order = np.argsort(np.asarray([len(x) for x in ids_list]), kind="stable")
+    out = torch.empty(len(ids_list), model.encoder.config.hidden_size)
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        b = build_single_batch([ids_list[i] for i in idx], special)
+        out[torch.as_tensor(idx)] = model.encode(b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu()
+    return out
+
+
 def _pad(rows: list[np.ndarray], first_lengths: list[int], pad_id: int) -> dict[str, torch.Tensor]:
     if not rows:
         raise ValueError("cannot build an empty batch")

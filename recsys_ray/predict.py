@@ -35,7 +35,7 @@ import torch
 from recsys_ray.data import text as T
 from recsys_ray.data.tokenize import ContextEncoder, encode_texts, vocab_digest
 from recsys_ray.errors import DataError, RecsysError
-from recsys_ray.model import BertRecommender, build_pair_batch, build_single_batch, special_ids
+from recsys_ray.model import BertRecommender, build_pair_batch, encode_batched, special_ids
 
 log = logging.getLogger(__name__)
 
@@ -238,16 +238,9 @@ class Predictor:
 
     # --- retriever ------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def encode(self, ids_list: Sequence[Sequence[int]]) -> torch.Tensor:
         """Retriever vectors (N, H) for token-id lists (contexts or items)."""
-        model = self._need("retriever")
-        out = torch.empty(len(ids_list), model.encoder.config.hidden_size)
-        for idx in _ordered_chunks([len(x) for x in ids_list], self.cfg.batch_size):
-            b = build_single_batch([ids_list[i] for i in idx], self.special)
-            vec = model.encode(b["input_ids"].to(self.device), b["attention_mask"].to(self.device))
-            out[torch.as_tensor(idx)] = vec.float().cpu()
-        return out
+        return encode_batched(self._need("retriever"), ids_list, self.special, self.device, self.cfg.batch_size)
 
     def item_vectors(self) -> torch.Tensor:
         """Every catalogue item's vector (I, H), computed on first use and kept."""

@@ -387,7 +387,8 @@ class _ModelReplica:
         return [(s, len(requests)) for s in out]
 
 
-@serve.deployment(
+# defaults of both model deployments (a Serve config file overrides any of them)
+MODEL_DEPLOYMENT_OPTIONS = dict(
     ray_actor_options={"num_cpus": 1},
     max_ongoing_requests=32,
     max_queued_requests=128,
@@ -398,6 +399,9 @@ class _ModelReplica:
     graceful_shutdown_wait_loop_s=2,
     graceful_shutdown_timeout_s=20,
 )
+
+
+@serve.deployment(**MODEL_DEPLOYMENT_OPTIONS)
 class Ranker(_ModelReplica):
     """Cross-encoder: (context, candidate) pairs of concurrent requests scored in one batch."""
 
@@ -426,17 +430,7 @@ class Ranker(_ModelReplica):
         return {"scores": scores.tolist(), "batch_size": batch}
 
 
-@serve.deployment(
-    ray_actor_options={"num_cpus": 1},
-    max_ongoing_requests=32,
-    max_queued_requests=128,
-    backpressure_config=BackpressureConfig(retry_after_s=RETRY_AFTER_S),
-    user_config=BatchConfig().model_dump(),
-    health_check_period_s=10,
-    health_check_timeout_s=30,
-    graceful_shutdown_wait_loop_s=2,
-    graceful_shutdown_timeout_s=20,
-)
+@serve.deployment(**MODEL_DEPLOYMENT_OPTIONS)
 class Retriever(_ModelReplica):
     """Dual encoder: the catalogue's item vectors in memory; user encodings batched."""
 

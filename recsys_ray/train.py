@@ -18,7 +18,6 @@ import os
 import random
 import tempfile
 import time
-import zlib
 from pathlib import Path
 from typing import Literal
 
@@ -31,12 +30,13 @@ from torch import nn
 from recsys_ray import losses
 from recsys_ray.config import build_config, to_dict
 from recsys_ray.errors import ConfigError, DataError, RecsysError
-from recsys_ray.metrics import MetricAccumulator, sampled_ranks, target_ranks
+from recsys_ray.metrics import MetricAccumulator, sample_unseen, sampled_ranks, target_ranks
 from recsys_ray.model import (
     BertRecommender,
     ModelConfig,
     build_pair_batch,
     build_single_batch,
+    encode_batched,
     load_tokenizer,
     special_ids,
 )
@@ -280,16 +280,9 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-@torch.no_grad()
 def encode_items(model: BertRecommender, items: ItemTable, special, device, batch_size: int) -> torch.Tensor:
     """Every catalogue item's vector (I, H), computed once per validation."""
-    order = np.argsort([len(t) for t in items.tokens])  # similar lengths together: less padding
-    out = torch.empty(len(items), model.encoder.config.hidden_size)
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        b = build_single_batch([items.tokens[i] for i in idx], special)
-        out[torch.as_tensor(idx)] = model.encode(b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu()
-    return out
+    return encode_batched(model, items.tokens, special, device, batch_size)
 
 
 @torch.no_grad()
@@ -320,10 +313,7 @@ def validate(model: BertRecommender, rows: list[dict], items: ItemTable, special
         for r in mine:
             pos = items.index[r["target_item_id"]]
             seen = {items.index[i] for i in r["seen_item_ids"]} | {pos}
-            # crc32, not hash(): str hashes are randomised per process, the list must not be
-            rng = np.random.default_rng([cfg.eval.seed, zlib.crc32(r["user_id"].encode("utf-8"))])
-            pool = np.setdiff1d(np.arange(len(items)), np.fromiter(seen, dtype=np.int64))
-            negs = rng.choice(pool, size=min(n - 1, len(pool)), replace=False)
+            negs = sample_unseen(r["user_id"], np.fromiter(seen, dtype=np.int64), len(items), n - 1, cfg.eval.seed)
             cands = [pos, *negs.tolist()]
             ctx = list(r["context_ids"])[:ctx_cut]
             scores = []
