@@ -308,7 +308,7 @@ def run_plain(cfg: BenchConfig, tc: TrainConfig, batches: list[list[dict]], item
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast:
                 own, inbatch = step(batch)
-                loss = batch_loss(tc.loss, own, inbatch, batch["candidates"])
+                loss = batch_loss(tc.loss, own, inbatch, batch)
             loss.backward()
             losses.append(float(loss.detach()))  # a sync point, as in train_loop_per_worker
             if tc.optim.grad_clip:

@@ -113,7 +113,8 @@ class RankUDF:
         n = len(batch["user_id"])
         targets = np.array([items.index[t] for t in batch["target_item_id"]], dtype=np.int64)
         seen = [_seen_rows(items.index, list(s), int(t)) for s, t in zip(batch["seen_item_ids"], targets, strict=True)]
-        contexts = [list(c) for c in batch["context_ids"]]
+        contexts = p.example_contexts(batch, "retriever") if p.retriever is not None else None
+        rank_contexts = p.example_contexts(batch, "ranker") if p.ranker is not None else None
         mask = np.zeros((n, len(items)), dtype=bool)
         for j, s in enumerate(seen):
             mask[j, s] = True
@@ -135,7 +136,7 @@ class RankUDF:
                 top = np.argpartition(-s, n_top - 1)[:n_top]
                 if targets[j] in top:
                     hit[j] = True
-                    r = p.rerank(contexts[j], top)
+                    r = p.rerank(rank_contexts[j], top)
                     t = r[int(np.flatnonzero(top == targets[j])[0])]
                     two[j] = int(np.count_nonzero(r >= t)) - 1  # pessimistic ties
                 else:
@@ -145,7 +146,7 @@ class RankUDF:
             ranks = np.empty(n, np.int64)
             for j in range(n):
                 negs = sample_unseen(batch["user_id"][j], np.append(seen[j], targets[j]), len(items), self.sampled, self.seed)
-                sc = p.rerank(contexts[j], np.concatenate([[targets[j]], negs]))
+                sc = p.rerank(rank_contexts[j], np.concatenate([[targets[j]], negs]))
                 ranks[j] = int(sampled_ranks(sc[:1], sc[None, 1:])[0])
             out["rank_sampled_ranker"] = ranks
         return out
@@ -167,9 +168,10 @@ def rank_split(settings: EvalSettings, split: str, retriever: str | None, ranker
 
     cpus = max(1, int(cluster_cpus()))
     actors = settings.actors or min(2, cpus)
-    ds = ray.data.read_parquet(split_path(settings.data, split)).select_columns(
-        ["user_id", "target_item_id", "context_ids", "seen_item_ids"]
-    )
+    columns = ["user_id", "target_item_id", "context_ids", "seen_item_ids"]
+    if "profile_ids" in pads.dataset(split_path(settings.data, split), format="parquet").schema.names:
+        columns.append("profile_ids")  # item-token retrievers read the profile's ids
+    ds = ray.data.read_parquet(split_path(settings.data, split)).select_columns(columns)
     if settings.max_users:  # the first N users by id: the same users the baselines score
         ids = pads.dataset(split_path(settings.data, split), format="parquet").to_table(columns=["user_id"])
         keep = set(sorted(ids["user_id"].to_pylist())[: settings.max_users])

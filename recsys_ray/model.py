@@ -6,6 +6,14 @@ checkpoints -> batch building. Shapes in comments: B rows, L tokens, H hidden si
 - ranker (cross-encoder): ``[CLS] context [SEP] candidate [SEP]`` -> CLS vector -> one logit.
 - retriever (dual encoder): ``[CLS] text [SEP]`` -> mean of the token vectors -> ``Linear(H, H)``
   (identity at start) -> unit length; score = dot product / temperature.
+- retriever with ``history="items"`` (sequence model): the user's history is one learned vector
+  per catalogue item (initialised from the mean of the item's word embeddings, so the pretrained
+  vocabulary seeds it), read by the BERT with a causal mask:
+  ``[CLS] profile [SEP] item_1 .. item_L`` -> the hidden state at each position -> ``Linear(H, H)``
+  -> unit length = the user after that item; item vectors = the same item embeddings, unit length
+  (tied, as in SASRec). One forward pass trains a next-item prediction at every position, which
+  is what makes it affordable on CPUs. Item positions carry ids ``vocab_size + row`` in the input
+  ids, so contexts stay plain lists of ints everywhere (data, Predictor, Serve).
 
 Checkpoint = a directory: ``model.safetensors`` (this module's whole state dict), ``config.json``
 (the BERT config), the tokenizer files and ``recsys_ray.json`` (ModelConfig + the caller's extras).
@@ -67,6 +75,9 @@ class ModelConfig:
     lora_alpha: int = 16  # LoRA scale = lora_alpha / R
     lora_dropout: float = 0.05  # dropout on the LoRA adapters' input
     tiny: dict | None = None  # random BertConfig kwargs instead of pretrained weights (tests, `tiny` preset)
+    history: Literal["text", "items"] = "text"  # retriever: user history as rendered text, or as item tokens (causal)
+    history_len: int = 50  # history="items": the last N history items the user tower reads
+    item_init: Literal["text", "random"] = "text"  # history="items": item embeddings from word embeddings or random
 
     def problems(self) -> list[str]:
         """Every invalid value, one line each (empty when the config is valid)."""
@@ -86,6 +97,14 @@ class ModelConfig:
             out.append(f"model.lora_alpha must be > 0, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
             out.append(f"model.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.history not in ("text", "items"):
+            out.append(f"model.history must be 'text' or 'items', got {self.history!r}")
+        elif self.history == "items" and self.kind != "retriever":
+            out.append("model.history 'items' needs model.kind 'retriever' (the ranker reads text)")
+        if not (isinstance(self.history_len, int) and self.history_len >= 1):
+            out.append(f"model.history_len must be an integer >= 1, got {self.history_len!r}")
+        if self.item_init not in ("text", "random"):
+            out.append(f"model.item_init must be 'text' or 'random', got {self.item_init!r}")
         if self.tiny is not None:
             out.extend(_tiny_problems(self.tiny, self.freeze if not freeze_problem else "none"))
         return out
@@ -220,8 +239,9 @@ def _load_encoder(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> BertM
     """Pretrained BertModel for ``cfg.encoder``, or a random one shaped by ``cfg.tiny``."""
     # No pooler: we read the CLS vector / mean of tokens ourselves, and an unused pooler would
     # hold trainable parameters without gradients (DDP then needs find_unused_parameters).
+    causal = {"is_decoder": True, "use_cache": False} if cfg.history == "items" else {}
     if cfg.tiny is not None:
-        bert_config = BertConfig(**cfg.tiny, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        bert_config = BertConfig(**cfg.tiny, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **causal)
         return BertModel(bert_config, add_pooling_layer=False)
     path = resolve_encoder_path(cfg.encoder)
     if (Path(path) / META_FILE).is_file():
@@ -231,7 +251,7 @@ def _load_encoder(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> BertM
         )
     try:
         encoder, info = BertModel.from_pretrained(
-            path, add_pooling_layer=False, dtype=torch.float32, output_loading_info=True
+            path, add_pooling_layer=False, dtype=torch.float32, output_loading_info=True, **causal
         )
     except (OSError, ValueError) as exc:
         raise RecsysError(f"cannot load encoder {cfg.encoder!r}: {_one_line(exc)}") from None
@@ -260,11 +280,17 @@ class BertRecommender(nn.Module):
     (like Hugging Face), so call ``.train()`` before training.
     """
 
-    def __init__(self, cfg: ModelConfig, encoder: BertModel, tokenizer: PreTrainedTokenizerBase | None = None):
+    def __init__(self, cfg: ModelConfig, encoder: BertModel, tokenizer: PreTrainedTokenizerBase | None = None,
+                 num_items: int = 0):
         super().__init__()
         self.cfg = cfg
         self.encoder = encoder
         hidden = encoder.config.hidden_size
+        if cfg.history == "items":
+            if num_items < 1:
+                raise RecsysError("a history='items' retriever needs the catalogue (num_items >= 1)")
+            # (N, H) one vector per catalogue row: input tokens of the history and the item tower (tied)
+            self.item_emb = nn.Embedding(num_items, hidden)
         if cfg.kind == "ranker":
             self.dropout = nn.Dropout(cfg.dropout)
             self.head = nn.Linear(hidden, 1)
@@ -279,13 +305,23 @@ class BertRecommender(nn.Module):
         self.lora_rank: int | None = None  # set when LoRA adapters are injected
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> BertRecommender:
-        """New model: pretrained (or tiny random) encoder, fresh head, ``cfg.freeze`` applied."""
+    def from_config(cls, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None,
+                    item_tokens: Sequence[Sequence[int]] | None = None) -> BertRecommender:
+        """New model: pretrained (or tiny random) encoder, fresh head, ``cfg.freeze`` applied.
+
+        ``item_tokens`` (each catalogue item's token ids, in row order) is needed by
+        ``history="items"``: it sizes the item embeddings and, with ``item_init="text"``, sets
+        each to the mean of its tokens' pretrained word embeddings.
+        """
         problems = cfg.problems()
         if problems:
             raise ConfigError(problems)
+        if cfg.history == "items" and not item_tokens:
+            raise ConfigError(["model.history 'items' needs the catalogue's item tokens to build item embeddings"])
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.encoder)
-        model = cls(cfg, _load_encoder(cfg, tokenizer), tokenizer)
+        model = cls(cfg, _load_encoder(cfg, tokenizer), tokenizer, num_items=len(item_tokens or ()))
+        if cfg.history == "items":
+            _init_item_embeddings(model, item_tokens, cfg.item_init)
         info = apply_freeze(model, cfg.freeze)
         logger.info(
             "model: %s on %s, freeze=%s, %d of %d parameters train",
@@ -312,8 +348,16 @@ class BertRecommender(nn.Module):
     def encode(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Retriever: unit-length vector per ``[CLS] text [SEP]`` row -> (B, H). Users and items share it."""
+        """Retriever: unit-length vector per ``[CLS] text [SEP]`` row -> (B, H). Users and items share it.
+
+        history="items": rows are :func:`build_sequence_batch` contexts (right-padded) and the
+        vector is the one after the last position.
+        """
         self._require("retriever")
+        if self.cfg.history == "items":
+            last = attention_mask.sum(dim=1) - 1  # (B,) index of the last real position
+            vecs = self.encode_positions(input_ids, attention_mask)  # (B, L, H)
+            return vecs[torch.arange(len(last), device=vecs.device), last]  # (B, H)
         h = self.encoder(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
         ).last_hidden_state  # (B, L, H)
@@ -321,6 +365,37 @@ class BertRecommender(nn.Module):
         pooled = (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # (B, H), padding excluded
         # float32 before normalising: under bf16 autocast the dot products would lose the ranking
         return F.normalize(self.head(pooled).float(), dim=-1)  # (B, H)
+
+    # --- retriever over item tokens (history="items") -------------------------------------------
+
+    @property
+    def item_offset(self) -> int:
+        """Input id of catalogue row 0 in a history="items" context (ids below are word pieces)."""
+        return self.encoder.config.vocab_size
+
+    @property
+    def num_items(self) -> int:
+        return self.item_emb.num_embeddings if self.cfg.history == "items" else 0
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids, word pieces below ``item_offset`` and items above -> (B, L, H) input vectors."""
+        off = self.item_offset
+        is_item = (input_ids >= off).unsqueeze(-1)  # (B, L, 1)
+        words = self.encoder.embeddings.word_embeddings(input_ids.clamp(max=off - 1))  # (B, L, H)
+        items = self.item_emb((input_ids - off).clamp(min=0))  # (B, L, H)
+        return torch.where(is_item, items, words)
+
+    def encode_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """history="items": unit-length user vector after every position (causal) -> (B, L, H)."""
+        self._require("retriever")
+        h = self.encoder(
+            inputs_embeds=self._embed(input_ids), attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state  # (B, L, H); position t sees positions <= t only
+        return F.normalize(self.head(h).float(), dim=-1)  # (B, L, H)
+
+    def item_vectors(self) -> torch.Tensor:
+        """history="items": every catalogue item's unit vector (N, H) (the tied item embeddings)."""
+        return F.normalize(self.item_emb.weight.float(), dim=-1)
 
     def score(self, user_vecs: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
         """Scaled cosine similarity of every user with every item: (B, H) x (N, H) -> (B, N)."""
@@ -393,14 +468,17 @@ class BertRecommender(nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError) as exc:
             raise RecsysError(f"{path}: cannot read config or tokenizer ({_one_line(exc)})") from None
-        model = cls(cfg, BertModel(bert_config, add_pooling_layer=False), tokenizer)
-        kind, rank = parse_freeze(cfg.freeze)
-        if kind == "lora":  # adapters were saved unmerged: recreate them so the keys match
-            _inject_lora(model, rank)
         try:
             state = load_file(str(path / WEIGHTS_FILE), device="cpu")
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
             raise RecsysError(f"{path / WEIGHTS_FILE}: unreadable safetensors ({_one_line(exc)})") from None
+        num_items = int(state["item_emb.weight"].shape[0]) if "item_emb.weight" in state else 0
+        if cfg.history == "items" and not num_items:
+            raise RecsysError(f"{path / WEIGHTS_FILE}: a history='items' checkpoint without item_emb.weight")
+        model = cls(cfg, BertModel(bert_config, add_pooling_layer=False), tokenizer, num_items=num_items)
+        kind, rank = parse_freeze(cfg.freeze)
+        if kind == "lora":  # adapters were saved unmerged: recreate them so the keys match
+            _inject_lora(model, rank)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
@@ -481,6 +559,19 @@ def apply_freeze(model: BertRecommender, spec: str) -> dict:
     return {"trainable": model.trainable_parameters(), "total": model.total_parameters(), "spec": spec}
 
 
+@torch.no_grad()
+def _init_item_embeddings(model: BertRecommender, item_tokens: Sequence[Sequence[int]], how: str) -> None:
+    """Item embeddings = mean of each item's word-piece embeddings ("text"), or BERT's random init."""
+    emb = model.item_emb.weight  # (N, H)
+    words = model.encoder.embeddings.word_embeddings.weight  # (V, H)
+    if how == "random":
+        emb.normal_(std=model.encoder.config.initializer_range)
+        return
+    for row, ids in enumerate(item_tokens):
+        ids = torch.as_tensor(list(ids), dtype=torch.long)
+        emb[row] = words[ids].mean(dim=0) if len(ids) else words.mean(dim=0)
+
+
 def _inject_lora(model: BertRecommender, rank: int) -> None:
     """Replace query/key/value Linears in place with PEFT LoRA layers (the encoder stays a BertModel)."""
     from peft import LoraConfig, inject_adapter_in_model  # slow import, only needed for lora:R
@@ -553,6 +644,31 @@ def build_single_batch(
     return _pad(rows, [len(r) for r in rows], pad_id)
 
 
+def history_context(profile_ids: Sequence[int] | None, history_rows: Sequence[int], item_offset: int,
+                    history_len: int, special: tuple[int, int, int], max_profile_tokens: int = 32) -> list[int]:
+    """history="items" context ids: ``profile [SEP] item_1 .. item_L``, oldest first, the last
+    ``history_len`` catalogue rows as ids ``item_offset + row`` ([CLS] is added by the batch)."""
+    _, sep_id, _ = special
+    rows = list(history_rows)[-history_len:] if history_len else []
+    return [*list(profile_ids or [])[:max_profile_tokens], sep_id, *(item_offset + int(r) for r in rows)]
+
+
+def build_sequence_batch(ids_list: Sequence[Sequence[int]], special: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+    """history="items" inputs ``[CLS] ids`` (no closing [SEP]: the user vector is read at the
+    last real position), right-padded to the longest row."""
+    cls_id, _, pad_id = special
+    rows = [np.concatenate([[cls_id], np.asarray(ids, dtype=np.int64)]) for ids in ids_list]
+    return _pad(rows, [len(r) for r in rows], pad_id)
+
+
+def build_user_batch(model: BertRecommender, ids_list: Sequence[Sequence[int]], special: tuple[int, int, int],
+                     max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Retriever user inputs for this model's context kind (text or item tokens)."""
+    if model.cfg.history == "items":
+        return build_sequence_batch(ids_list, special)
+    return build_single_batch(ids_list, special, max_length)
+
+
 @torch.no_grad()
 def encode_batched(model: BertRecommender, ids_list: Sequence[Sequence[int]], special: tuple[int, int, int],
                    device: torch.device | str, batch_size: int) -> torch.Tensor:
@@ -564,7 +680,7 @@ def encode_batched(model: BertRecommender, ids_list: Sequence[Sequence[int]], sp
     out = torch.empty(len(ids_list), model.encoder.config.hidden_size)
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
-        b = build_single_batch([ids_list[i] for i in idx], special)
+        b = build_user_batch(model, [ids_list[i] for i in idx], special)
         out[torch.as_tensor(idx)] = model.encode(b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu()
     return out
 

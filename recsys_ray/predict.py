@@ -4,7 +4,10 @@ A :class:`Predictor` holds a retriever and/or a ranker checkpoint and the catalo
 
 - ``context_ids(history, profile)``: a user's token ids, built exactly as the data pipeline
   builds ``context_ids`` (profile, then history most recent first, cut to the checkpoint's
-  ``max_context_tokens``);
+  ``max_context_tokens``); for a ``history="items"`` retriever: ``profile [SEP]`` and the last
+  ``history_len`` items as item-token ids, oldest first (:func:`recsys_ray.model.history_context`);
+- ``candidate_ids(rows)``: catalogue rows as the model's candidate inputs (their token ids, or
+  one item-token id each for a ``history="items"`` retriever, which scores catalogue items only);
 - ``retrieve(contexts, k, exclude)``: full-catalogue top k by the retriever (item vectors are
   computed once and kept), optionally plus a popularity prior ``beta * log(1 + train count)``;
 - ``score_pairs(contexts, candidates)``: ranker logits for (context, candidate) pairs, sorted
@@ -35,7 +38,7 @@ import torch
 from recsys_ray.data import text as T
 from recsys_ray.data.tokenize import ContextEncoder, encode_texts, vocab_digest
 from recsys_ray.errors import DataError, RecsysError
-from recsys_ray.model import BertRecommender, build_pair_batch, encode_batched, special_ids
+from recsys_ray.model import BertRecommender, build_pair_batch, encode_batched, history_context, special_ids
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +191,13 @@ class Predictor:
             or DEFAULT_MAX_CONTEXT_TOKENS
         )
         self._ctx = ContextEncoder(self.tokenizer, self.max_context_tokens)
+        # a history="items" retriever: contexts and candidates are item-token ids
+        self.sequence = self.retriever is not None and self.retriever.cfg.history == "items"
+        if self.sequence and self.retriever.num_items != len(self.items):
+            raise RecsysError(
+                f"{cfg.retriever}: the retriever has {self.retriever.num_items} item embeddings but the catalogue "
+                f"{items_path} has {len(self.items)} items (another catalogue?)"
+            )
         self._item_vecs: torch.Tensor | None = None
         self._prior = self._popularity_prior()
 
@@ -221,13 +231,50 @@ class Predictor:
         cols = self.profile_columns or list(profile)
         return T.render_profile(profile, cols)
 
-    def context_ids(self, history: Sequence[str], profile: Mapping[str, object] | str | None = None) -> list[int]:
-        """Token ids of a user: ``history`` oldest first (as logged), the last ``max_history`` used."""
+    def context_ids(self, history: Sequence[str], profile: Mapping[str, object] | str | None = None,
+                    kind: str | None = None) -> list[int]:
+        """Model input ids of a user: ``history`` oldest first (as logged).
+
+        ``kind``: whose context ("retriever" or "ranker"; default the retriever if loaded). Text
+        contexts use the last ``max_history`` items, item-token contexts the last ``history_len``.
+        """
         rows = self.items.rows(list(history))
-        recent = rows[::-1][: self.max_history]
         ptext = self.profile_text(profile)
         pids = encode_texts(self.tokenizer, [ptext])[0] if ptext else None
+        if self._sequence_kind(kind):
+            return self.sequence_context(pids, rows)
+        recent = rows[::-1][: self.max_history]
         return self._ctx.encode(pids, [self.items.tokens[i] for i in recent])
+
+    def sequence_context(self, profile_ids: Sequence[int] | None, rows: Sequence[int]) -> list[int]:
+        """history="items" context of catalogue rows (oldest first) and profile token ids."""
+        m = self._need("retriever")
+        return history_context(profile_ids, rows, m.item_offset, m.cfg.history_len, self.special)
+
+    def example_contexts(self, batch: Mapping[str, Sequence], kind: str | None = None) -> list[list[int]]:
+        """Contexts of prepared valid/test example rows (``context_ids``, or ``seen_item_ids`` and
+        ``profile_ids`` for an item-token retriever) for the model of ``kind``."""
+        if self._sequence_kind(kind):
+            profiles = batch["profile_ids"] if "profile_ids" in batch else [None] * len(batch["seen_item_ids"])
+            return [self.sequence_context(list(p) if p is not None else None, self.items.rows(list(seen)))
+                    for p, seen in zip(profiles, batch["seen_item_ids"], strict=True)]
+        return [list(c) for c in batch["context_ids"]]
+
+    def _sequence_kind(self, kind: str | None) -> bool:
+        kind = kind or ("retriever" if self.retriever is not None else "ranker")
+        return kind == "retriever" and self.sequence
+
+    @property
+    def scores_texts(self) -> bool:
+        """Whether :meth:`score` takes free-text candidates (not for an item-token retriever alone)."""
+        return self.ranker is not None or not self.sequence
+
+    def candidate_ids(self, rows: Sequence[int]) -> list[list[int]]:
+        """Catalogue rows as candidates for :meth:`score`: token ids, or [item-token id] each."""
+        if self.sequence and self.ranker is None:
+            off = self.retriever.item_offset
+            return [[off + int(r)] for r in rows]
+        return [self.items.tokens[r] for r in rows]
 
     def text_ids(self, texts: Sequence[str], max_tokens: int = 64) -> list[list[int]]:
         """Free candidate texts -> token ids (over-long texts are cut, never refused)."""
@@ -239,19 +286,37 @@ class Predictor:
     # --- retriever ------------------------------------------------------------------------------
 
     def encode(self, ids_list: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Retriever vectors (N, H) for token-id lists (contexts or items)."""
+        """Retriever vectors (N, H) for model inputs as given (contexts, or a text retriever's items)."""
         return encode_batched(self._need("retriever"), ids_list, self.special, self.device, self.cfg.batch_size)
+
+    def user_vectors(self, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Retriever vectors (B, H) of contexts (text contexts cut to ``max_context_tokens``)."""
+        return self.encode(contexts if self.sequence else [self._cut(c) for c in contexts])
+
+    def candidate_vectors(self, candidates: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Retriever vectors (N, H) of candidates (see :meth:`candidate_ids`)."""
+        if not self.sequence:
+            return encode_batched(self._need("retriever"), candidates, self.special, self.device, self.cfg.batch_size)
+        off = self.retriever.item_offset
+        rows = [c[0] - off if len(c) == 1 and c[0] >= off else None for c in candidates]
+        if any(r is None for r in rows):
+            raise RecsysError("this retriever reads item tokens (history='items'): it scores catalogue item ids, not texts")
+        return self.item_vectors()[torch.as_tensor(rows, dtype=torch.long)]
 
     def item_vectors(self) -> torch.Tensor:
         """Every catalogue item's vector (I, H), computed on first use and kept."""
         if self._item_vecs is None:
-            self._item_vecs = self.encode(self.items.tokens)
+            if self.sequence:
+                with torch.no_grad():
+                    self._item_vecs = self.retriever.item_vectors().cpu()
+            else:
+                self._item_vecs = self.encode(self.items.tokens)
         return self._item_vecs
 
     def retrieval_scores(self, contexts: Sequence[Sequence[int]], with_prior: bool = True) -> np.ndarray:
         """(B, I) scaled cosine of each context with every item (+ the popularity prior)."""
         model = self._need("retriever")
-        users = self.encode([self._cut(c) for c in contexts])
+        users = self.user_vectors(contexts)
         scores = model.score(users, self.item_vectors()).numpy()
         if with_prior and self._prior is not None:
             scores = scores + self._prior[None, :]
@@ -286,8 +351,8 @@ class Predictor:
         if self.ranker is not None:
             return self.score_pairs([context] * len(candidates), candidates)
         model = self._need("retriever")
-        u = self.encode([self._cut(context)])
-        return model.score(u, self.encode(candidates)).numpy()[0]
+        u = self.user_vectors([context])
+        return model.score(u, self.candidate_vectors(candidates)).numpy()[0]
 
     def score_many(self, contexts: Sequence[Sequence[int]], candidates: Sequence[Sequence[Sequence[int]]]) -> list[np.ndarray]:
         """:meth:`score` for several users in one pass (what a batched replica calls)."""
@@ -297,8 +362,8 @@ class Predictor:
             bounds = np.cumsum([0] + [len(cs) for cs in candidates])
             return [flat[bounds[j] : bounds[j + 1]] for j in range(len(contexts))]
         model = self._need("retriever")
-        users = self.encode([self._cut(c) for c in contexts])
-        items = self.encode([i for cs in candidates for i in cs])
+        users = self.user_vectors(contexts)
+        items = self.candidate_vectors([i for cs in candidates for i in cs])
         bounds = np.cumsum([0] + [len(cs) for cs in candidates])
         return [model.score(users[j : j + 1], items[bounds[j] : bounds[j + 1]]).numpy()[0] for j in range(len(contexts))]
 
@@ -307,11 +372,15 @@ class Predictor:
         return self.score_pairs([context] * len(rows), [self.items.tokens[i] for i in rows])
 
     def recommend(self, contexts: Sequence[Sequence[int]], k: int,
-                  exclude: Sequence[Sequence[int]] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+                  exclude: Sequence[Sequence[int]] | None = None,
+                  rank_contexts: Sequence[Sequence[int]] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Top k catalogue rows per context: retrieve ``max(k, rerank_top)``, rerank with the ranker.
 
+        ``rank_contexts``: the ranker's contexts when they differ from the retriever's (an
+        item-token retriever with a text ranker); default ``contexts``.
         Without a retriever the ranker scores the whole catalogue (slow; small catalogues only).
         """
+        rank_contexts = rank_contexts if rank_contexts is not None else contexts
         if k < 1:
             raise ValueError("k must be >= 1")
         n = max(k, self.cfg.rerank_top)
@@ -324,7 +393,7 @@ class Predictor:
             return shortlist
         out = []
         for j, (rows, _) in enumerate(shortlist):
-            s = self.rerank(contexts[j], rows)
+            s = self.rerank(rank_contexts[j], rows)
             order = np.argsort(-s, kind="stable")[:k]
             out.append((np.asarray(rows)[order], s[order]))
         return out

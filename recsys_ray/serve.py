@@ -277,13 +277,16 @@ def create_api(backend: Backend, title: str = "recsys_ray") -> FastAPI:
 # what the model deployments share with the plain server
 
 
-def user_context(predictor, user: dict) -> list[int]:
-    return predictor.context_ids(user.get("history") or [], user.get("profile"))
+def user_context(predictor, user: dict, kind: str | None = None) -> list[int]:
+    """The user's model inputs for ``predictor``'s model of ``kind`` (default: its retriever if loaded)."""
+    return predictor.context_ids(user.get("history") or [], user.get("profile"), kind=kind)
 
 
 def candidate_ids(predictor, item_ids: Sequence[str] | None, texts: Sequence[str] | None) -> list[list[int]]:
     if item_ids is not None:
-        return [predictor.items.tokens[r] for r in predictor.items.rows(list(item_ids))]
+        return predictor.candidate_ids(predictor.items.rows(list(item_ids)))
+    if not predictor.scores_texts:
+        raise RecsysError("this model reads item tokens (history='items'): score catalogue item_ids, not texts")
     return predictor.text_ids(list(texts or []))
 
 

@@ -46,9 +46,9 @@ class PlainBackend:
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
-    def _inputs(self, user: dict, item_ids=None, texts=None, with_candidates: bool = True):
+    def _inputs(self, user: dict, item_ids=None, texts=None, with_candidates: bool = True, kind: str | None = None):
         try:
-            ctx = user_context(self.predictor, user)
+            ctx = user_context(self.predictor, user, kind)
             cands = candidate_ids(self.predictor, item_ids, texts) if with_candidates else None
             exclude = self.predictor.items.rows(user.get("history") or [])
         except RecsysError as exc:
@@ -56,14 +56,19 @@ class PlainBackend:
         return ctx, cands, exclude
 
     async def score(self, req: ScoreRequest) -> tuple[ScoreResponse, int]:
-        ctx, cands, _ = self._inputs(req.user.model_dump(), req.item_ids, req.texts)
+        ctx, cands, _ = self._inputs(req.user.model_dump(), req.item_ids, req.texts,
+                                     kind="ranker" if self.predictor.ranker is not None else None)
         scores = await self._run(self.predictor.score, ctx, cands)
         model = "ranker" if self.predictor.ranker is not None else "retriever"
         return ScoreResponse(model=model, scores=np.asarray(scores).tolist()), 1
 
     async def recommend(self, req: RecommendRequest) -> tuple[RecommendResponse, int]:
-        ctx, _, exclude = self._inputs(req.user.model_dump(), with_candidates=False)
-        ((rows, scores),) = await self._run(self.predictor.recommend, [ctx], req.k, [exclude if req.exclude_history else []])
+        user = req.user.model_dump()
+        ctx, _, exclude = self._inputs(user, with_candidates=False)
+        # the ranker reads text even when the retriever reads item tokens
+        rank_ctx = user_context(self.predictor, user, kind="ranker") if self.predictor.ranker is not None else None
+        ((rows, scores),) = await self._run(self.predictor.recommend, [ctx], req.k, [exclude if req.exclude_history else []],
+                                            [rank_ctx] if rank_ctx is not None else None)
         items = self.predictor.items
         out = [RecommendedItem(item_id=items.ids[r], text=items.texts[r], score=float(s))
                for r, s in zip(rows, scores, strict=True)]

@@ -35,8 +35,11 @@ from recsys_ray.model import (
     BertRecommender,
     ModelConfig,
     build_pair_batch,
+    build_sequence_batch,
     build_single_batch,
+    build_user_batch,
     encode_batched,
+    history_context,
     load_tokenizer,
     special_ids,
 )
@@ -55,6 +58,7 @@ class OptimConfig:
     warmup_ratio: float = 0.1  # fraction of all steps spent warming up
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     grad_accum: int = 1  # micro-batches per optimizer step
+    new_lr: float = 0.0  # peak lr of the parameters that are not pretrained (head, item embeddings); 0 = lr
 
     def problems(self) -> list[str]:
         out = []
@@ -66,6 +70,8 @@ class OptimConfig:
             out.append(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.grad_clip < 0:
             out.append(f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+        if self.new_lr < 0:
+            out.append(f"optim.new_lr must be >= 0, got {self.new_lr}")
         if self.grad_accum < 1:
             out.append(f"optim.grad_accum must be >= 1, got {self.grad_accum}")
         return out
@@ -239,6 +245,65 @@ class Collator:
         return out
 
 
+class SequenceCollator:
+    """history="items": user sequences -> causal next-item rows for one micro-batch.
+
+    A row is one user's train events (the first ``n_train`` of ``item_ids``). Each draw cuts a
+    window of up to ``history_len + 1`` events ending at ``e = min(n_train, U[1, n_train +
+    history_len])``, which makes every train event equally likely to be a target. Input =
+    ``[CLS] profile [SEP] w_0 .. w_{n-2}``; the target at ``w_j``'s position is ``w_{j+1}``, and
+    at ``[SEP]`` it is ``w_0`` when the window starts at the user's first event. For the sampled
+    losses every target gets ``negatives`` uniform catalogue items other than itself.
+    """
+
+    def __init__(self, items: ItemTable, special: tuple[int, int, int], item_offset: int, history_len: int,
+                 negatives: int, tokenizer, seed: int):
+        self.items, self.special, self.offset, self.L = items, special, item_offset, history_len
+        self.k, self.tok = negatives, tokenizer
+        self.rng = np.random.default_rng(seed)
+        self._profiles: dict[str, list[int]] = {}
+
+    def _profile(self, row: dict) -> list[int]:
+        text = row.get("profile_text") or ""
+        if not text:
+            return []
+        if row["user_id"] not in self._profiles:
+            from recsys_ray.data.tokenize import encode_texts
+
+            self._profiles[row["user_id"]] = encode_texts(self.tok, [text])[0]
+        return self._profiles[row["user_id"]]
+
+    def __call__(self, rows: list[dict], sampled: bool) -> dict[str, torch.Tensor]:
+        contexts, targets = [], []
+        for r in rows:
+            seq = [self.items.index[i] for i in list(r["item_ids"])[: int(r["n_train"])]]  # n_train >= 1
+            end = min(len(seq), int(self.rng.integers(1, len(seq) + self.L + 1)))
+            start = max(0, end - (self.L + 1))
+            window = seq[start:end]
+            ctx = history_context(self._profile(r), window[:-1], self.offset, self.L, self.special)
+            n_prefix = len(ctx) - (len(window) - 1)  # profile + [SEP]; [CLS] shifts everything by 1
+            t = [-100] * (len(ctx) + 1)
+            if start == 0:
+                t[n_prefix] = window[0]  # at [SEP]: the first event from the profile alone
+            for j in range(1, len(window)):
+                t[n_prefix + j] = window[j]
+            contexts.append(ctx)
+            targets.append(t)
+        b = build_sequence_batch(contexts, self.special)
+        tgt = torch.full(b["input_ids"].shape, -100, dtype=torch.long)  # (B, L)
+        for i, t in enumerate(targets):
+            tgt[i, : len(t)] = torch.as_tensor(t)
+        out = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "targets": tgt}
+        if sampled:
+            pos = tgt[tgt >= 0]  # (M,) in the order ScoreStep selects them
+            negs = torch.as_tensor(self.rng.integers(0, len(self.items), size=(len(pos), self.k)))
+            clash = negs == pos[:, None]
+            negs[clash] = (negs[clash] + 1) % len(self.items)  # never the target itself
+            out["candidates"] = torch.cat([pos[:, None], negs], dim=1)  # (M, 1 + K)
+        out["tokens"] = torch.tensor(int(b["attention_mask"].sum()))
+        return out
+
+
 class ScoreStep(nn.Module):
     """What DDP wraps: one forward per micro-batch -> (B, 1 + K) scores (+ in-batch matrix).
 
@@ -251,6 +316,13 @@ class ScoreStep(nn.Module):
         self.model = model
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if "targets" in batch:  # history="items": a prediction at every position with a target
+            vecs = self.model.encode_positions(batch["input_ids"], batch["attention_mask"])  # (B, L, H)
+            u = vecs[batch["targets"] >= 0]  # (M, H)
+            items = self.model.item_vectors()  # (N, H)
+            if "candidates" in batch:  # sampled losses: (M, 1 + K), column 0 the target
+                return torch.einsum("mh,mkh->mk", u, items[batch["candidates"]]) / self.model.cfg.temperature, None
+            return self.model.score(u, items), None  # (M, N): softmax over the whole catalogue
         b, n = batch["candidates"].shape
         if self.model.cfg.kind == "ranker":
             logits = self.model.forward_pairs(batch["pair_input_ids"], batch["pair_attention_mask"], batch["pair_token_type_ids"])
@@ -263,8 +335,12 @@ class ScoreStep(nn.Module):
         return own, self.model.score(u, cols)  # (B, 1 + K), (B, B + B*K)
 
 
-def batch_loss(name: str, own: torch.Tensor, inbatch: torch.Tensor | None, candidates: torch.Tensor) -> torch.Tensor:
-    """The configured loss; a retriever with softmax also learns from in-batch negatives."""
+def batch_loss(name: str, own: torch.Tensor, inbatch: torch.Tensor | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The configured loss; a retriever with softmax also learns from in-batch negatives, and a
+    history="items" retriever with softmax from the whole catalogue."""
+    if "targets" in batch and name == "softmax":
+        return losses.softmax(own, batch["targets"][batch["targets"] >= 0])  # (M, N) vs catalogue rows
+    candidates = batch["candidates"]
     if inbatch is not None and name == "softmax":
         return losses.in_batch_softmax(inbatch, candidates[:, 0], candidates[:, 1:].reshape(-1) if candidates.shape[1] > 1 else None)
     return losses.compute_loss(name, own)
@@ -295,10 +371,19 @@ def validate(model: BertRecommender, rows: list[dict], items: ItemTable, special
     ranks: list[int] = []
     ctx_cut = cfg.max_context_tokens or None
     if model.cfg.kind == "retriever":
-        item_vecs = encode_items(model, items, special, device, max(cfg.eval.batch_size, 64))
+        sequence = model.cfg.history == "items"
+        if sequence:
+            item_vecs = model.item_vectors().cpu()
+        else:
+            item_vecs = encode_items(model, items, special, device, max(cfg.eval.batch_size, 64))
         for s in range(0, len(mine), cfg.eval.batch_size):
             chunk = mine[s : s + cfg.eval.batch_size]
-            b = build_single_batch([list(r["context_ids"])[:ctx_cut] for r in chunk], special)
+            if sequence:
+                ctxs = [history_context(r.get("profile_ids"), [items.index[i] for i in r["seen_item_ids"]],
+                                        model.item_offset, model.cfg.history_len, special) for r in chunk]
+            else:
+                ctxs = [list(r["context_ids"])[:ctx_cut] for r in chunk]
+            b = build_user_batch(model, ctxs, special)
             u = model.encode(b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu()
             scores = model.score(u, item_vecs).numpy()  # (b, I)
             target = np.array([items.index[r["target_item_id"]] for r in chunk])
@@ -398,11 +483,16 @@ def train_loop_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as d:
             model = BertRecommender.from_checkpoint(d)
     else:
-        model = BertRecommender.from_config(cfg.model, tokenizer)
+        model = BertRecommender.from_config(cfg.model, tokenizer, item_tokens=items.tokens)
     model.train()
     step_module = ray.train.torch.prepare_model(ScoreStep(model))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    # two groups: the pretrained encoder at lr, the new parameters (head, item embeddings) at new_lr
+    new = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
+    old = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("encoder.")]
+    groups = [g for g in ({"params": old, "lr": cfg.optim.lr},
+                          {"params": new, "lr": cfg.optim.new_lr or cfg.optim.lr}) if g["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.optim.weight_decay)
     spe = run["steps_per_epoch"]
     total = spe * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, int(cfg.optim.warmup_ratio * total)))
@@ -415,7 +505,14 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             log.info("resumed from step %d (epoch %d)", progress["global_step"], progress["epoch"])
 
-    collate = Collator(items, special, model.cfg.kind, cfg.negatives, cfg.max_context_tokens, cfg.seed + rank)
+    sequence = model.cfg.history == "items"
+    if sequence:
+        seq_collate = SequenceCollator(items, special, model.item_offset, model.cfg.history_len, cfg.negatives,
+                                       tokenizer, cfg.seed + rank)
+        collate = lambda rows: seq_collate(rows, sampled=cfg.loss != "softmax")  # noqa: E731
+    else:
+        collate = Collator(items, special, model.cfg.kind, cfg.negatives, cfg.max_context_tokens, cfg.seed + rank)
+    bucket_key = "item_ids" if sequence else "context_ids"
     bucket_rng = random.Random(cfg.seed + rank)
     autocast = (
         torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -433,7 +530,7 @@ def train_loop_per_worker(config: dict) -> None:
                 local_shuffle_buffer_size=micro * cfg.bucket_batches * 4,
                 local_shuffle_seed=bucket_rng.randrange(1 << 30),
             ):
-                yield from length_buckets(_rows(chunk), micro, bucket_rng)
+                yield from length_buckets(_rows(chunk), micro, bucket_rng, key=bucket_key)
 
     stream = micro_batches()
     global_step = progress["global_step"]
@@ -452,7 +549,7 @@ def train_loop_per_worker(config: dict) -> None:
                 sync = a == accum - 1 or not hasattr(step_module, "no_sync")
                 with (contextlib.nullcontext() if sync else step_module.no_sync()), autocast:
                     own, inbatch = step_module(batch)
-                    loss = batch_loss(cfg.loss, own, inbatch, batch["candidates"]) / accum
+                    loss = batch_loss(cfg.loss, own, inbatch, batch) / accum
                 loss.backward()
                 loss_sum += float(loss.detach()) * accum
                 seen_examples += len(rows)
@@ -529,19 +626,24 @@ def plan(cfg: TrainConfig) -> dict:
     """Checks that need only the driver (before any worker starts): data, manifest, tokenizer."""
     data = Path(cfg.data)
     manifest = read_manifest(data)
-    for part in ("items", "examples/split=train", "examples/split=valid"):
+    sequence = cfg.model.history == "items"
+    for part in ("items", "sequences" if sequence else "examples/split=train", "examples/split=valid"):
         if not (data / part).is_dir():
             raise DataError(f"{data}: missing {part}/ (prepare the data again)")
+    if sequence and "profile_ids" not in pads.dataset(str(data / "examples/split=valid"), format="parquet").schema.names:
+        raise DataError(f"{data}: prepared by an older recsys_ray (no profile_ids); prepare the data again")
     tokenizer = load_tokenizer(cfg.model.encoder)
     check_data_matches_model(manifest, tokenizer, str(data))
     prepared_k = manifest.get("config", {}).get("negatives", cfg.negatives)
-    if cfg.negatives > prepared_k:
+    if cfg.negatives > prepared_k and not sequence:  # history="items" samples its negatives per step
         raise ConfigError([f"negatives={cfg.negatives} but {data} was prepared with {prepared_k} per positive"])
-    n_train = manifest["counts"]["examples_by_split"]["train"]
+    # history="items" trains on user sequences (one row per user, a window drawn per step)
+    n_train = manifest["counts"]["users"] if sequence else manifest["counts"]["examples_by_split"]["train"]
     per_step = cfg.num_workers * cfg.batch_size * cfg.optim.grad_accum
     spe = n_train // per_step
     if spe < 1:
-        raise DataError(f"{data}: {n_train} train examples are fewer than one step ({per_step} = workers x batch x accum)")
+        what = "users" if sequence else "train examples"
+        raise DataError(f"{data}: {n_train} {what} are fewer than one step ({per_step} = workers x batch x accum)")
     if cfg.max_steps_per_epoch:
         spe = min(spe, cfg.max_steps_per_epoch)
     return {
@@ -560,8 +662,15 @@ def build_trainer(cfg: TrainConfig, run_plan: dict | None = None, name: str | No
 
     run_plan = run_plan or plan(cfg)
     data = Path(cfg.data).resolve()
-    train = ray.data.read_parquet(str(data / "examples" / "split=train"), shuffle="files")
-    train = train.randomize_block_order(seed=cfg.seed)
+    if cfg.model.history == "items":  # one row per user; several blocks so every worker gets a share
+        cols = ["user_id", "item_ids", "n_train"]
+        if "profile_text" in pads.dataset(str(data / "sequences"), format="parquet").schema.names:
+            cols.append("profile_text")
+        train = ray.data.read_parquet(str(data / "sequences"), columns=cols)
+        train = train.repartition(4 * cfg.num_workers).randomize_block_order(seed=cfg.seed)
+    else:
+        train = ray.data.read_parquet(str(data / "examples" / "split=train"), shuffle="files")
+        train = train.randomize_block_order(seed=cfg.seed)
     cpus = ray.cluster_resources().get("CPU", 0)
     per_worker = float((cfg.resources_per_worker or {}).get("CPU", 1))
     if cpus - cfg.num_workers * per_worker < 1:

@@ -62,6 +62,9 @@ class _FakePredictor:
     def retrieval_scores(self, contexts, with_prior=True):
         return self._scores[: len(contexts)]
 
+    def example_contexts(self, batch, kind=None):
+        return [list(c) for c in batch["context_ids"]]
+
 
 def _udf_with(items: Catalogue, scores: np.ndarray) -> RankUDF:
     udf = RankUDF.__new__(RankUDF)

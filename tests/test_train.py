@@ -73,7 +73,7 @@ def _train_in_process(data: str, kind: str, loss_name: str, freeze: str, steps: 
     losses_seen = []
     for _ in range(steps):
         own, inbatch = step(batch)
-        loss = batch_loss(loss_name, own, inbatch, batch["candidates"])
+        loss = batch_loss(loss_name, own, inbatch, batch)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -34,6 +34,7 @@ EXAMPLE_SCHEMA = pa.schema(
         ("position", pa.int64()),
         ("context_text", pa.string()),
         ("context_ids", pa.list_(pa.int32())),
+        ("profile_ids", pa.list_(pa.int32())),
         ("negative_item_ids", pa.list_(pa.string())),
         ("seen_item_ids", pa.list_(pa.string())),
     ]
@@ -249,6 +250,7 @@ class ExampleBuilder:
                 cols["timestamp"].append(ts[pos])
                 cols["position"].append(pos)
                 cols["context_text"].append(text)
+                cols["profile_ids"].append(pids)
                 if self.ctx.concat_ok:
                     cols["context_ids"].append(self.ctx.encode(pids, [self.item_tokens[i] for i in hist]))
                 else:
@@ -267,5 +269,6 @@ class ExampleBuilder:
                 cols["context_ids"][i] = x
         data = {name: cols[name] for name in EXAMPLE_SCHEMA.names}
         data["context_ids"] = list_column(cols["context_ids"])
+        data["profile_ids"] = list_column(cols["profile_ids"])
         data["timestamp"] = pa.array(cols["timestamp"], pa.int64()).cast(pa.timestamp("us", tz="UTC"))
         return pa.table(data, schema=EXAMPLE_SCHEMA)

@@ -470,7 +470,9 @@ def _run(cfg, src, refs, user_refs, profile_cols, catalogue, text_cols, tok, out
         )
         .materialize()
     )
-    sequences.select_columns(SEQUENCE_SCHEMA.names).write_parquet(str(out / "sequences"))
+    # with profiles, sequences keep profile_text: history="items" models train from sequences
+    seq_columns = SEQUENCE_SCHEMA.names + (["profile_text"] if user_refs else [])
+    sequences.select_columns(seq_columns).write_parquet(str(out / "sequences"))
     stats = _sum_rows(
         sequences.map_batches(_sequence_stats, batch_format="pyarrow", batch_size=None),
         ["users", "events", "train_events", "split_users", "profiles"],
