@@ -82,6 +82,8 @@ class BenchServeConfig:
     rerank_top: int = 20  # /v1/recommend shortlist the ranker rescores
     concurrency: list[int] = dataclasses.field(default_factory=lambda: [1, 8, 32, 64])  # closed-loop clients
     batch_compare_concurrency: int = 32  # @serve.batch off vs on at this many clients
+    single_candidate_compare: bool = True  # also batch off vs on with ONE candidate per request
+    fixed_replicas: int = 2  # last point: the Ranker pinned at this many replicas vs plain (0 = skip)
     open_loop: list[float] = dataclasses.field(default_factory=lambda: [0.5, 3.0])  # x best closed-loop req/s
     duration_s: float = 30.0  # measured seconds per point
     warmup_s: float = 5.0  # unmeasured seconds before each point's window
@@ -303,8 +305,11 @@ def make_checkpoints(cfg: BenchServeConfig, root: Path) -> dict[str, str]:
     tokenizer = load_tokenizer("default")
     out = {}
     for kind in ("retriever", "ranker"):
-        mc = ModelConfig(kind=kind, tiny=dict(TINY)) if cfg.model == "tiny" else ModelConfig(kind=kind, encoder="default")
-        model = BertRecommender.from_config(mc, tokenizer=tokenizer)
+        # the retriever reads item tokens, as the `cpu` preset's does; the ranker reads text
+        history = "items" if kind == "retriever" else "text"
+        mc = (ModelConfig(kind=kind, tiny=dict(TINY), history=history) if cfg.model == "tiny"
+              else ModelConfig(kind=kind, encoder="default", history=history))
+        model = BertRecommender.from_config(mc, tokenizer=tokenizer, item_tokens=catalogue.tokens)
         path = model.save(root / kind, extra={"text": manifest["text"], "untrained": True,
                                               "train_config": {"max_context_tokens": cfg.max_context_tokens}})
         catalogue.save(path / CATALOGUE_FILE)
@@ -389,8 +394,11 @@ def serve_config_with_ranker(text: str) -> str:
     return text.replace(m.group(1), re.sub(r"\n      # ?", "\n      ", m.group(1)))
 
 
-def bench_serve_config(cfg: BenchServeConfig, ckpt: dict[str, str], port: int, max_batch_size: int | None = None) -> dict:
-    """local.yaml + its Ranker, pointed at the run's checkpoints and port (GPU: 0.5 GPU per model replica)."""
+def bench_serve_config(cfg: BenchServeConfig, ckpt: dict[str, str], port: int, max_batch_size: int | None = None,
+                       fixed_replicas: int = 0) -> dict:
+    """local.yaml + its Ranker, pointed at the run's checkpoints and port (GPU: 0.5 GPU per model replica).
+
+    ``fixed_replicas``: the Ranker at that many replicas instead of autoscaling."""
     config = yaml.safe_load(serve_config_with_ranker(LOCAL_CONFIG.read_text()))
     config["http_options"].update(host=HOST, port=port, request_timeout_s=REQUEST_TIMEOUT_S)
     app = config["applications"][0]
@@ -402,6 +410,9 @@ def bench_serve_config(cfg: BenchServeConfig, ckpt: dict[str, str], port: int, m
             deps[name]["ray_actor_options"] = {"num_cpus": 1, "num_gpus": 0.5}
     if max_batch_size is not None:
         deps["Ranker"]["user_config"] = {**deps["Ranker"]["user_config"], "max_batch_size": max_batch_size}
+    if fixed_replicas:
+        deps["Ranker"].pop("autoscaling_config", None)
+        deps["Ranker"]["num_replicas"] = fixed_replicas
     return config
 
 
@@ -473,6 +484,20 @@ def _wait_ranker_batch(url: str, max_batch_size: int, timeout_s: float = 120) ->
         time.sleep(0.3)
 
 
+def _wait_ranker_replicas(app: str, n: int, timeout_s: float = 180) -> None:
+    """Until ``n`` Ranker replicas are RUNNING and none is starting or stopping."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        dep = serve.status().applications[app].deployments.get("Ranker")
+        states = {(st.value if hasattr(st, "value") else str(st)): k for st, k in (dep.replica_states.items() if dep else [])}
+        if states.get("RUNNING", 0) == n and sum(states.values()) == n:
+            return
+        time.sleep(1)
+    raise RecsysError(f"the Ranker did not settle at {n} running replicas within {timeout_s:.0f} s")
+
+
 def run_serve(cfg: BenchServeConfig, ckpt: dict[str, str], bodies: list[dict], rec_bodies: list[dict]) -> dict:
     from ray import serve
 
@@ -511,6 +536,20 @@ def run_serve(cfg: BenchServeConfig, ckpt: dict[str, str], bodies: list[dict], r
                 compare[label] = r
                 log.info("serve %s: %s", mon.phase, _brief(r))
             out["batch_compare"] = compare
+            if cfg.single_candidate_compare:
+                # one candidate per request: each unbatched request is one tiny forward pass
+                singles = [{**b, "item_ids": b["item_ids"][:1]} for b in bodies]
+                compare1 = {}
+                for label, size in (("off", 1), ("on", on_batch)):
+                    deploy_config(bench_serve_config(cfg, ckpt, port, max_batch_size=size))
+                    _wait_ranker_batch(url, size)
+                    mon.phase = f"1-candidate batch {label} c={c}"
+                    r = asyncio.run(closed_loop(f"{url}/v1/score", singles, c, cfg.warmup_s, cfg.duration_s, 1))
+                    r["ranker_replicas"] = mon.replicas_during(mon.phase)
+                    r["max_batch_size"] = size
+                    compare1[label] = r
+                    log.info("serve %s: %s", mon.phase, _brief(r))
+                out["batch_compare_single"] = compare1
 
             best = max(v["rps"] for v in [*out["closed"].values(), *compare.values()])
             for frac in cfg.open_loop:
@@ -530,6 +569,16 @@ def run_serve(cfg: BenchServeConfig, ckpt: dict[str, str], bodies: list[dict], r
 
             mon.phase = "quiet"
             time.sleep(cfg.cooldown_s)
+
+            if cfg.fixed_replicas:
+                # the capacity comparison without an autoscaling transient: Ranker pinned, warm
+                deploy_config(bench_serve_config(cfg, ckpt, port, fixed_replicas=cfg.fixed_replicas))
+                _wait_ranker_replicas(app_name, cfg.fixed_replicas)
+                mon.phase = f"fixed {cfg.fixed_replicas} replicas c={c}"
+                r = asyncio.run(closed_loop(f"{url}/v1/score", bodies, c, cfg.warmup_s, cfg.duration_s, pairs))
+                r["ranker_replicas"] = mon.replicas_during(mon.phase)
+                out["fixed"] = r
+                log.info("serve %s: %s", mon.phase, _brief(r))
         out["autoscaling"] = {"changes": mon.changes(), "timeline": mon.timeline}
     finally:
         serve.shutdown()
@@ -647,9 +696,14 @@ def run_bench_serve(cfg: BenchServeConfig, command: str = "") -> dict:
             ray.shutdown()
 
     compare_c = str(cfg.batch_compare_concurrency)
-    best_serve = max([*served["closed"].values(), *served["batch_compare"].values()], key=lambda r: r["pairs_per_s"])
+    multi = [*served["closed"].values(), *served["batch_compare"].values(), *([served["fixed"]] if "fixed" in served else [])]
+    best_serve = max(multi, key=lambda r: r["pairs_per_s"])
+    single = served.get("batch_compare_single") or {}
     ratios = {
         "batch_on_over_off": _ratio(served["batch_compare"]["on"]["rps"], served["batch_compare"]["off"]["rps"]),
+        "batch_on_over_off_single_candidate": _ratio(single["on"]["pairs_per_s"], single["off"]["pairs_per_s"]) if single else None,
+        "serve_fixed_over_plain": _ratio(served["fixed"]["rps"], plain["closed"][compare_c]["rps"])
+        if "fixed" in served and compare_c in plain["closed"] else None,
         "serve_over_plain_by_concurrency": {c: _ratio(served["closed"][c]["rps"], plain["closed"][c]["rps"])
                                             for c in served["closed"] if c in plain["closed"]},
         "serve_best_over_offline_pairs": _ratio(best_serve["pairs_per_s"], offline["best_pairs_per_s"]),
@@ -715,6 +769,12 @@ def results_markdown(res: dict) -> str:
     for label, r in serve["batch_compare"].items():
         lines.append(row(f"Ray Serve, batch {label} (max {r['max_batch_size']})",
                          f"closed, {res['batch_compare_concurrency']} clients", r))
+    for label, r in (serve.get("batch_compare_single") or {}).items():
+        lines.append(row(f"Ray Serve, 1 candidate/request, batch {label} (max {r['max_batch_size']})",
+                         f"closed, {res['batch_compare_concurrency']} clients", r))
+    if "fixed" in serve:
+        lines.append(row(f"Ray Serve, Ranker fixed at {res['config']['fixed_replicas']} replicas",
+                         f"closed, {res['batch_compare_concurrency']} clients", serve["fixed"]))
     for frac, r in serve["open"].items():
         lines.append(row("Ray Serve", f"open, {r['offered_rps']:.2f} req/s offered ({frac}x best)", r))
     lines.append(row("Ray Serve /v1/recommend", "closed, 1 client", serve["recommend"]))
@@ -728,6 +788,10 @@ def results_markdown(res: dict) -> str:
         "| ratio | value |",
         "|---|---|",
         f"| `@serve.batch` on / off, req/s at {res['batch_compare_concurrency']} clients | {fmt(ratios['batch_on_over_off'], 2)} |",
+        f"| `@serve.batch` on / off, 1 candidate per request, pairs/s at {res['batch_compare_concurrency']} clients "
+        f"(target >= 2) | {fmt(ratios.get('batch_on_over_off_single_candidate'), 2)} |",
+        f"| Ray Serve (Ranker fixed, warm) / plain, req/s at {res['batch_compare_concurrency']} clients (target >= 1) | "
+        f"{fmt(ratios.get('serve_fixed_over_plain'), 2)} |",
     ]
     for c, v in ratios["serve_over_plain_by_concurrency"].items():
         lines.append(f"| Ray Serve / plain, req/s at {clients(c).removeprefix('closed, ')} | {fmt(v, 2)} |")

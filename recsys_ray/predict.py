@@ -38,7 +38,13 @@ import torch
 from recsys_ray.data import text as T
 from recsys_ray.data.tokenize import ContextEncoder, encode_texts, vocab_digest
 from recsys_ray.errors import DataError, RecsysError
-from recsys_ray.model import BertRecommender, build_pair_batch, encode_batched, history_context, special_ids
+from recsys_ray.model import (
+    BertRecommender,
+    build_pair_batch,
+    encode_batched,
+    history_context,
+    special_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +176,9 @@ class Predictor:
         if len(models) == 2 and vocab_digest(models[0].tokenizer) != vocab_digest(models[1].tokenizer):
             raise RecsysError("retriever and ranker checkpoints use different vocabularies")
         self.special = special_ids(self.tokenizer)
-        items_path = cfg.items or next(
-            (p for p in (cfg.retriever, cfg.ranker) if p and (Path(p) / CATALOGUE_FILE).is_file()), None
-        )
+        # the checkpoints' local folders (an s3:// checkpoint was copied to the cache by _load)
+        local = [m.source for m in (self.retriever, self.ranker) if m is not None]
+        items_path = cfg.items or next((p for p in local if (Path(p) / CATALOGUE_FILE).is_file()), None)
         if items_path is None:
             raise RecsysError(
                 f"no catalogue: the checkpoint has no {CATALOGUE_FILE}; pass items= (a prepared data dir)"
@@ -206,6 +212,7 @@ class Predictor:
 
         local = resolve_encoder_path(path) if str(path).startswith("s3://") else path
         model = BertRecommender.from_checkpoint(local, map_location=self.device)
+        model.source = str(local)  # where its items.parquet is
         if model.cfg.kind != kind:
             raise RecsysError(f"{path}: is a {model.cfg.kind} checkpoint, expected a {kind}")
         return model

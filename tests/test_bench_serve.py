@@ -120,3 +120,7 @@ def test_bench_config_checks_and_the_serve_config_it_deploys(tmp_path):
     assert app.args["ranker_checkpoint"] == ckpt["ranker"] and app.args["rerank_top"] == cfg.rerank_top
     deps = {d.name: d for d in app.deployments}
     assert deps["Ranker"].user_config["max_batch_size"] == 1 and deps["Ranker"].autoscaling_config["max_replicas"] == 2
+    # the last point pins the Ranker instead of autoscaling it
+    pinned = ServeDeploySchema.model_validate(bench_serve_config(cfg, ckpt, port=12345, fixed_replicas=2))
+    ranker = {d.name: d for d in pinned.applications[0].deployments}["Ranker"]
+    assert ranker.num_replicas == 2 and not ranker.autoscaling_config

@@ -228,3 +228,30 @@ def test_http_routes_with_an_item_token_retriever_and_a_text_ranker(syn_data, to
     assert got == [ids[r] for r in rows]
     out, _ = asyncio.run(backend.score(ScoreRequest(user=user, texts=["a brand new film"])))
     assert len(out.scores) == 1  # with a ranker, free texts are scored
+
+
+def test_a_predictor_loads_an_s3_checkpoint_with_its_catalogue(syn_data, tokenizer, tmp_path, monkeypatch):
+    """Local S3 (moto on 127.0.0.1): the checkpoint and its items.parquet come from the copy."""
+    moto_server = pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    import pyarrow.fs
+
+    ck = _save(syn_data, tokenizer, tmp_path / "seq")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+                           "RECSYS_RAY_CACHE": str(tmp_path / "cache")}.items():
+            monkeypatch.setenv(key, value)
+        boto3.client("s3").create_bucket(Bucket="models")
+        fs, _ = pyarrow.fs.FileSystem.from_uri("s3://models/seq")
+        pyarrow.fs.copy_files(ck, "models/seq", source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs)
+        remote = Predictor(PredictorConfig(retriever="s3://models/seq"))
+        local = Predictor(PredictorConfig(retriever=ck))
+        assert remote.items.ids == local.items.ids
+        ctx = local.context_ids(local.items.ids[:5])
+        assert np.allclose(remote.retrieval_scores([ctx]), local.retrieval_scores([ctx]))
+    finally:
+        server.stop()
