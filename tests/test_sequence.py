@@ -21,7 +21,16 @@ from recsys_ray.model import (
     special_ids,
 )
 from recsys_ray.predict import Catalogue, Predictor, PredictorConfig
-from recsys_ray.train import ItemTable, ScoreStep, SequenceCollator, batch_loss, fit, load_train_config, read_rows, validate
+from recsys_ray.train import (
+    ItemTable,
+    ScoreStep,
+    SequenceCollator,
+    batch_loss,
+    fit,
+    load_train_config,
+    read_rows,
+    validate,
+)
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 
