@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--duration", type=float, default=30.0, help="measured seconds per point")
     parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds before each point")
     parser.add_argument("--cooldown", type=float, default=45.0, help="quiet seconds at the end (scale-down)")
+    parser.add_argument("--no-single-candidate", action="store_true", help="skip batch off/on with 1 candidate per request")
+    parser.add_argument("--fixed-replicas", type=int, default=2, help="last point: Ranker pinned at N replicas (0 = skip)")
     parser.add_argument("--quick", action="store_true", help="short points, fewer of them (smoke run)")
     parser.add_argument("--gpu", action="store_true", help="model replicas, plain server and offline predictor on CUDA")
     parser.add_argument("--seed", type=int, default=0)
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
             "open_loop": args.open_loop, "candidates": args.candidates, "rerank_top": args.rerank_top,
             "offline_pairs": args.offline_pairs, "offline_batch_sizes": args.offline_batch_sizes,
             "duration_s": args.duration, "warmup_s": args.warmup, "cooldown_s": args.cooldown,
+            "single_candidate_compare": not args.no_single_candidate, "fixed_replicas": args.fixed_replicas,
             "quick": args.quick, "gpu": args.gpu, "seed": args.seed, "output": args.output,
         })
         return run_bench_serve(cfg, command)
