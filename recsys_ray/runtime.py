@@ -20,8 +20,26 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # A local Ray with its own dashboard, and every worker pointed at it for State API
+        # queries. Without that, Ray Train 2.60's PlacementGroupCleaner asks whichever Ray was
+        # started last on this machine whether our Train controller is alive; when that is another
+        # instance (a `serve run`, a second job) the answer is "not found", and it removes the
+        # run's placement group, killing the workers (seen: a training killed mid-epoch).
+        port = _free_port()
+        api = f"http://127.0.0.1:{port}"
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}}, log_to_driver=True)
+        os.environ.setdefault("RAY_API_SERVER_ADDRESS", api)  # this driver's own State API calls too
+        log.info("ray dashboard: %s", api)
     log.info("ray resources: %s", ray.cluster_resources())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cluster_cpus() -> int:
