@@ -25,10 +25,12 @@ def init_ray(num_cpus: int | None = None) -> None:
         # started last on this machine whether our Train controller is alive; when that is another
         # instance (a `serve run`, a second job) the answer is "not found", and it removes the
         # run's placement group, killing the workers (seen: a training killed mid-epoch).
+        # address="local": always a new instance of our own; joining a cluster is what RAY_ADDRESS
+        # is for (a bare ray.init() would silently join any `ray start` cluster on this machine)
         port = _free_port()
         api = f"http://127.0.0.1:{port}"
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}}, log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}}, log_to_driver=True)
         os.environ.setdefault("RAY_API_SERVER_ADDRESS", api)  # this driver's own State API calls too
         log.info("ray dashboard: %s", api)
     log.info("ray resources: %s", ray.cluster_resources())

@@ -121,6 +121,7 @@ def test_bench_config_checks_and_the_serve_config_it_deploys(tmp_path):
     deps = {d.name: d for d in app.deployments}
     assert deps["Ranker"].user_config["max_batch_size"] == 1 and deps["Ranker"].autoscaling_config["max_replicas"] == 2
     # the last point pins the Ranker instead of autoscaling it
-    pinned = ServeDeploySchema.model_validate(bench_serve_config(cfg, ckpt, port=12345, fixed_replicas=2))
-    ranker = {d.name: d for d in pinned.applications[0].deployments}["Ranker"]
-    assert ranker.num_replicas == 2 and not ranker.autoscaling_config
+    pinned = bench_serve_config(cfg, ckpt, port=12345, fixed_replicas=2)
+    ServeDeploySchema.model_validate(pinned)
+    ranker = {d["name"]: d for d in pinned["applications"][0]["deployments"]}["Ranker"]
+    assert ranker["num_replicas"] == 2 and "autoscaling_config" not in ranker
