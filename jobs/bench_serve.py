@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--open-loop", type=float, nargs="+", default=[0.5, 3.0], help="x the best closed-loop req/s")
     parser.add_argument("--candidates", type=int, default=20, help="candidates per /v1/score request")
     parser.add_argument("--offline-pairs", type=int, default=640, help="pairs per offline score_pairs measurement")
-    parser.add_argument("--offline-batch-sizes", type=int, nargs="+", default=[64, 256], help="pairs per pass, offline")
+    parser.add_argument("--offline-batch-sizes", type=int, nargs="+", default=[16, 64, 256], help="pairs per pass, offline")
     parser.add_argument("--rerank-top", type=int, default=20)
     parser.add_argument("--duration", type=float, default=30.0, help="measured seconds per point")
     parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds before each point")

@@ -88,7 +88,7 @@ class BenchServeConfig:
     duration_s: float = 30.0  # measured seconds per point
     warmup_s: float = 5.0  # unmeasured seconds before each point's window
     cooldown_s: float = 45.0  # quiet seconds at the end (autoscaling down)
-    offline_batch_sizes: list[int] = dataclasses.field(default_factory=lambda: [64, 256])  # pairs per pass
+    offline_batch_sizes: list[int] = dataclasses.field(default_factory=lambda: [16, 64, 256])  # pairs per pass
     offline_pairs: int = 640  # pairs scored per offline measurement
     quick: bool = False  # short points, fewer of them (a smoke run, not numbers to quote)
     gpu: bool = False  # model replicas / plain server / offline predictor on CUDA
@@ -381,6 +381,106 @@ def offline_throughput(ckpt: dict[str, str], bodies: list[dict], cfg: BenchServe
     return {"pairs_per_s": results, "best_pairs_per_s": max(results.values()), "pairs": cfg.offline_pairs}
 
 
+def offline_single_candidate(ckpt: dict[str, str], bodies: list[dict], batch: int, device: str,
+                             requests: int = 96) -> dict:
+    """The model's own batching gain for one-candidate requests: ``score_many`` one request per call
+    vs ``batch`` requests per call (what a Ranker replica's ``@serve.batch`` does), one torch thread
+    on CPU (a replica's share). No serving at all: the ceiling of Serve's batch on / off ratio."""
+    import torch
+
+    from recsys_ray.predict import Predictor, PredictorConfig
+
+    threads_before = torch.get_num_threads()
+    if not device.startswith("cuda"):
+        torch.set_num_threads(1)
+    try:
+        p = Predictor(PredictorConfig(ranker=ckpt["ranker"], items=ckpt["retriever"], device=device, batch_size=128))
+        reqs = []
+        for b in bodies[:requests]:
+            ctx = p.context_ids(b["user"]["history"], b["user"].get("profile"))
+            reqs.append((ctx, [p.items.tokens[p.items.rows(b["item_ids"][:1])[0]]]))
+        out = {"requests": len(reqs), "batch": batch, "torch_threads": torch.get_num_threads()}
+        for label, size in (("one_per_pass", 1), ("batched", batch)):
+            p.score_many([r[0] for r in reqs[:size]], [r[1] for r in reqs[:size]])  # warm-up
+            best = math.inf
+            for _ in range(2):
+                t0 = time.perf_counter()
+                for i in range(0, len(reqs), size):
+                    group = reqs[i:i + size]
+                    p.score_many([r[0] for r in group], [r[1] for r in group])
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - t0)
+            out[f"{label}_pairs_per_s"] = round(len(reqs) / best, 2)
+        out["ratio"] = _ratio(out["batched_pairs_per_s"], out["one_per_pass_pairs_per_s"])
+        log.info("offline one-candidate requests: %s", out)
+        return out
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+# roles of the processes on this machine, by command line (Ray sets replica process titles)
+CPU_ROLES = [
+    ("Ranker replicas", re.compile(r"ServeReplica:[^:\s]+:Ranker")),
+    ("Retriever replica", re.compile(r"ServeReplica:[^:\s]+:Retriever")),
+    ("ingress replica (RecsysAPI)", re.compile(r"ServeReplica:[^:\s]+:RecsysAPI")),
+    ("HTTP proxy", re.compile(r"ray::ProxyActor")),
+    ("Serve controller", re.compile(r"ray::ServeController")),
+    ("Ray system (raylet, GCS, dashboard, ...)", re.compile(r"raylet|gcs_server|dashboard|log_monitor|ray/_private|ray::")),
+]
+BENCH_ROLE = "benchmark process (load generator, monitor)"
+
+
+def cpu_seconds_by_pid() -> dict[int, tuple[str, float]]:
+    """pid -> (role, user + system CPU seconds so far) for every process psutil can read."""
+    import psutil
+
+    out = {}
+    me = os.getpid()
+    for proc in psutil.process_iter(["pid", "cmdline", "cpu_times"]):
+        try:
+            times = proc.info["cpu_times"]
+            if times is None:
+                continue
+            cmd = " ".join(proc.info["cmdline"] or [])
+            role = BENCH_ROLE if proc.info["pid"] == me else next(
+                (name for name, pat in CPU_ROLES if pat.search(cmd)), "other")
+            out[proc.info["pid"]] = (role, times.user + times.system)
+        except Exception:  # a process that ended while we looked
+            continue
+    return out
+
+
+class CpuAccount:
+    """CPU used per process role between ``__enter__`` and ``__exit__``: cores busy on average.
+
+    A process started in between counts from zero; one that ended in between is lost (its
+    share shows only in ``machine_cores`` , psutil's whole-machine figure)."""
+
+    def __enter__(self) -> CpuAccount:
+        import psutil
+
+        self._before, self._t0, self._cpu0 = cpu_seconds_by_pid(), time.perf_counter(), psutil.cpu_times()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import psutil
+
+        after, wall, cpu1 = cpu_seconds_by_pid(), time.perf_counter() - self._t0, psutil.cpu_times()
+        roles: dict[str, float] = {}
+        for pid, (role, secs) in after.items():
+            roles[role] = roles.get(role, 0.0) + secs - self._before.get(pid, (role, 0.0))[1]
+        busy = sum(getattr(cpu1, f) - getattr(self._cpu0, f) for f in ("user", "system", "nice", "irq", "softirq"))
+        self.result = {"wall_s": round(wall, 1), "machine_cores": round(busy / wall, 2),
+                       "cores_by_role": {k: round(v / wall, 3) for k, v in sorted(roles.items(), key=lambda kv: -kv[1])}}
+
+    def per_request_ms(self, rps: float) -> dict[str, float]:
+        """Cores by role -> CPU milliseconds per answered request at ``rps``."""
+        if not rps:
+            return {}
+        return {k: round(v * 1000 / rps, 1) for k, v in self.result["cores_by_role"].items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # the Serve side
 
@@ -498,6 +598,11 @@ def _wait_ranker_replicas(app: str, n: int, timeout_s: float = 180) -> None:
     raise RecsysError(f"the Ranker did not settle at {n} running replicas within {timeout_s:.0f} s")
 
 
+def ranker_batch_size(config: dict) -> int:
+    """The Ranker's ``max_batch_size`` in a Serve config dict (its ``user_config``)."""
+    return next(d for d in config["applications"][0]["deployments"] if d["name"] == "Ranker")["user_config"]["max_batch_size"]
+
+
 def run_serve(cfg: BenchServeConfig, ckpt: dict[str, str], bodies: list[dict], rec_bodies: list[dict]) -> dict:
     from ray import serve
 
@@ -508,7 +613,7 @@ def run_serve(cfg: BenchServeConfig, ckpt: dict[str, str], bodies: list[dict], r
     port = free_port()
     config = bench_serve_config(cfg, ckpt, port)
     app_name = config["applications"][0]["name"]
-    on_batch = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Ranker")["user_config"]["max_batch_size"]
+    on_batch = ranker_batch_size(config)
     url = f"http://{HOST}:{port}"
     t0 = time.perf_counter()
     deploy_config(config)
@@ -530,7 +635,9 @@ def run_serve(cfg: BenchServeConfig, ckpt: dict[str, str], bodies: list[dict], r
                 deploy_config(bench_serve_config(cfg, ckpt, port, max_batch_size=size))  # user_config only: in place
                 _wait_ranker_batch(url, size)
                 mon.phase = f"batch {label} c={c}"
-                r = asyncio.run(closed_loop(f"{url}/v1/score", bodies, c, cfg.warmup_s, cfg.duration_s, pairs))
+                with CpuAccount() as acct:
+                    r = asyncio.run(closed_loop(f"{url}/v1/score", bodies, c, cfg.warmup_s, cfg.duration_s, pairs))
+                r["cpu"] = {**acct.result, "ms_per_request": acct.per_request_ms(r["rps"])}
                 r["ranker_replicas"] = mon.replicas_during(mon.phase)
                 r["max_batch_size"] = size
                 compare[label] = r
@@ -544,7 +651,9 @@ def run_serve(cfg: BenchServeConfig, ckpt: dict[str, str], bodies: list[dict], r
                     deploy_config(bench_serve_config(cfg, ckpt, port, max_batch_size=size))
                     _wait_ranker_batch(url, size)
                     mon.phase = f"1-candidate batch {label} c={c}"
-                    r = asyncio.run(closed_loop(f"{url}/v1/score", singles, c, cfg.warmup_s, cfg.duration_s, 1))
+                    with CpuAccount() as acct:
+                        r = asyncio.run(closed_loop(f"{url}/v1/score", singles, c, cfg.warmup_s, cfg.duration_s, 1))
+                    r["cpu"] = {**acct.result, "ms_per_request": acct.per_request_ms(r["rps"])}
                     r["ranker_replicas"] = mon.replicas_during(mon.phase)
                     r["max_batch_size"] = size
                     compare1[label] = r
@@ -688,6 +797,9 @@ def run_bench_serve(cfg: BenchServeConfig, command: str = "") -> dict:
         rec_bodies = [{"user": b["user"], "k": 10} for b in bodies]
         device = "cuda" if cfg.gpu else "cpu"
         offline = offline_throughput(ckpt, bodies, cfg, device)
+        if cfg.single_candidate_compare:
+            on_batch = ranker_batch_size(bench_serve_config(cfg, ckpt, 0))
+            offline["single_candidate"] = offline_single_candidate(ckpt, bodies, on_batch, device)
         plain = run_plain(cfg, ckpt, bodies, out_dir)
         served = run_serve(cfg, ckpt, bodies, rec_bodies)
     finally:
@@ -706,6 +818,7 @@ def run_bench_serve(cfg: BenchServeConfig, command: str = "") -> dict:
         if "fixed" in served and compare_c in plain["closed"] else None,
         "serve_over_plain_by_concurrency": {c: _ratio(served["closed"][c]["rps"], plain["closed"][c]["rps"])
                                             for c in served["closed"] if c in plain["closed"]},
+        "offline_single_candidate_batched_over_one": (offline.get("single_candidate") or {}).get("ratio"),
         "serve_best_over_offline_pairs": _ratio(best_serve["pairs_per_s"], offline["best_pairs_per_s"]),
         "plain_best_over_offline_pairs": _ratio(max(r["pairs_per_s"] for r in plain["closed"].values()),
                                                 offline["best_pairs_per_s"]),
@@ -790,6 +903,9 @@ def results_markdown(res: dict) -> str:
         f"| `@serve.batch` on / off, req/s at {res['batch_compare_concurrency']} clients | {fmt(ratios['batch_on_over_off'], 2)} |",
         f"| `@serve.batch` on / off, 1 candidate per request, pairs/s at {res['batch_compare_concurrency']} clients "
         f"(target >= 2) | {fmt(ratios.get('batch_on_over_off_single_candidate'), 2)} |",
+        f"| offline `score_many`, 1-candidate requests, {(off.get('single_candidate') or {}).get('batch', '-')} per call / 1 per call, "
+        f"pairs/s, 1 thread (the model's own ceiling for the ratio above) | "
+        f"{fmt(ratios.get('offline_single_candidate_batched_over_one'), 2)} |",
         f"| Ray Serve (Ranker fixed, warm) / plain, req/s at {res['batch_compare_concurrency']} clients (target >= 1) | "
         f"{fmt(ratios.get('serve_fixed_over_plain'), 2)} |",
     ]
@@ -799,12 +915,27 @@ def results_markdown(res: dict) -> str:
         f"| Ray Serve best / offline best, pairs/s (target >= {res['targets']['serve_over_offline_target']}) | "
         f"{fmt(ratios['serve_best_over_offline_pairs'], 2)} |",
         f"| plain best / offline best, pairs/s | {fmt(ratios['plain_best_over_offline_pairs'], 2)} |",
-        "",
-        "Ranker replicas over time (samples where the running count changed):",
-        "",
-        "| t (s) | phase | running | all replica states |",
-        "|---|---|---|---|",
     ]
+    cpu_rows = [(f"batch {label}, {cfg_c} candidates/request", r) for label, r in serve["batch_compare"].items()
+                for cfg_c in [res["config"]["candidates"]]]
+    cpu_rows += [(f"batch {label}, 1 candidate/request", r) for label, r in (serve.get("batch_compare_single") or {}).items()]
+    cpu_rows = [(n, r) for n, r in cpu_rows if "cpu" in r]
+    if cpu_rows:
+        roles = list(dict.fromkeys(k for _, r in cpu_rows for k in r["cpu"]["cores_by_role"]))
+        lines += [
+            "",
+            f"CPU per answered request by process (ms; cores busy on average x 1000 / req/s) at "
+            f"{res['batch_compare_concurrency']} clients:",
+            "",
+            "| phase | req/s | machine cores busy | " + " | ".join(roles) + " |",
+            "|---|---|---|" + "---|" * len(roles),
+        ]
+        for name, r in cpu_rows:
+            ms = r["cpu"]["ms_per_request"]
+            lines.append(f"| {name} | {fmt(r['rps'], 2)} | {fmt(r['cpu']['machine_cores'], 2)} | "
+                         + " | ".join(fmt(ms.get(k)) for k in roles) + " |")
+    lines += ["", "Ranker replicas over time (samples where the running count changed):", "",
+              "| t (s) | phase | running | all replica states |", "|---|---|---|---|"]
     for s in serve["autoscaling"]["changes"]:
         states = ", ".join(f"{k} {v}" for k, v in sorted(s["ranker_states"].items()))
         lines.append(f"| {s['t']:.0f} | {s['phase']} | {s['ranker_running']} | {states} |")

@@ -9,13 +9,19 @@ import numpy as np
 import pytest
 
 from recsys_ray.bench_serve import (
+    BENCH_ROLE,
+    CpuAccount,
     Sample,
     bench_serve_config,
     closed_loop,
     load_bench_serve_config,
+    make_checkpoints,
+    offline_single_candidate,
     open_loop,
     percentile,
     poisson_arrivals,
+    ranker_batch_size,
+    request_bodies,
     summarize,
 )
 from recsys_ray.errors import ConfigError, RecsysError
@@ -125,3 +131,53 @@ def test_bench_config_checks_and_the_serve_config_it_deploys(tmp_path):
     ServeDeploySchema.model_validate(pinned)
     ranker = {d["name"]: d for d in pinned["applications"][0]["deployments"]}["Ranker"]
     assert ranker["num_replicas"] == 2 and "autoscaling_config" not in ranker
+    assert ranker_batch_size(config) == 1 and ranker_batch_size(pinned) == 16  # local.yaml's Ranker
+
+
+def _burn(seconds: float) -> None:
+    t0 = time.process_time()
+    while time.process_time() - t0 < seconds:
+        pass
+
+
+def test_cpu_account_splits_cpu_by_process_role():
+    import subprocess
+    import sys
+
+    # a child whose command line names the HTTP proxy's process title: classified by it
+    import psutil
+
+    child = subprocess.Popen([sys.executable, "-c", "import time\n# ray::ProxyActor\nt=time.process_time()\n"
+                              "while time.process_time() - t < 0.6: pass\ntime.sleep(60)"])
+    try:
+        with CpuAccount() as acct:
+            _burn(0.4)
+            deadline = time.monotonic() + 30
+            while sum(psutil.Process(child.pid).cpu_times()[:2]) < 0.6 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.1)  # a process that ends before the second snapshot is not counted: keep it alive
+    finally:
+        child.kill()
+        child.wait()
+    cores = acct.result["cores_by_role"]
+    wall = acct.result["wall_s"]
+    assert wall >= 0.4
+    assert cores[BENCH_ROLE] * wall == pytest.approx(0.4, abs=0.15)
+    # the child ran ~0.6 s of CPU but may have used some before the first snapshot
+    assert 0.2 <= cores["HTTP proxy"] * wall <= 0.75
+    assert 0 < acct.result["machine_cores"] <= 2.5
+    ms = acct.per_request_ms(10.0)
+    assert ms[BENCH_ROLE] == pytest.approx(cores[BENCH_ROLE] * 100, abs=0.1)
+    assert acct.per_request_ms(0) == {}
+
+
+def test_offline_single_candidate_times_one_request_per_call_vs_batched(syn_data, tmp_path):
+    cfg = load_bench_serve_config({"data": syn_data, "model": "tiny"})
+    ckpt = make_checkpoints(cfg, tmp_path)
+    from recsys_ray.predict import Catalogue
+
+    bodies = request_bodies(syn_data, Catalogue.load(ckpt["retriever"]).ids, candidates=3, seed=0)
+    out = offline_single_candidate(ckpt, bodies, batch=4, device="cpu", requests=16)
+    assert out["requests"] == min(16, len(bodies)) and out["batch"] == 4 and out["torch_threads"] == 1
+    assert out["one_per_pass_pairs_per_s"] > 0 and out["batched_pairs_per_s"] > 0
+    assert out["ratio"] == pytest.approx(out["batched_pairs_per_s"] / out["one_per_pass_pairs_per_s"], rel=0.01)
