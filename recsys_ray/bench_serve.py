@@ -681,6 +681,7 @@ def run_serve(cfg: BenchServeConfig, ckpt: dict[str, str], bodies: list[dict], r
 
             if cfg.fixed_replicas:
                 # the capacity comparison without an autoscaling transient: Ranker pinned, warm
+                mon.phase = f"redeploy: fixed {cfg.fixed_replicas} replicas"  # Serve replaces the replicas
                 deploy_config(bench_serve_config(cfg, ckpt, port, fixed_replicas=cfg.fixed_replicas))
                 _wait_ranker_replicas(app_name, cfg.fixed_replicas)
                 mon.phase = f"fixed {cfg.fixed_replicas} replicas c={c}"
