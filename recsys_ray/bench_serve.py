@@ -345,6 +345,34 @@ def request_bodies(data: str, catalogue_ids: list[str], candidates: int, seed: i
     return out
 
 
+def _ranker_pairs(p, bodies: list[dict], limit: int, per_body: int | None = None) -> list[tuple[list[int], list[list[int]]]]:
+    """(context ids, [candidate ids ...]) per request body, at most ``limit`` pairs in all;
+    ``per_body``: only each body's first candidates."""
+    out, n = [], 0
+    for b in bodies:
+        if n >= limit:
+            break
+        ctx = p.context_ids(b["user"]["history"], b["user"].get("profile"))
+        cands = [p.items.tokens[i] for i in p.items.rows(b["item_ids"][:per_body])][: limit - n]
+        out.append((ctx, cands))
+        n += len(cands)
+    return out
+
+
+def _best_seconds(device: str, fn, *args, repeats: int = 2) -> float:
+    """The faster of ``repeats`` timed calls ``fn(*args)`` (its own best, as the targets ask)."""
+    import torch
+
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(*args)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def offline_throughput(ckpt: dict[str, str], bodies: list[dict], cfg: BenchServeConfig, device: str) -> dict:
     """Best pairs/s of ``Predictor.score_pairs`` in this process over ``offline_batch_sizes``."""
     import torch
@@ -358,23 +386,11 @@ def offline_throughput(ckpt: dict[str, str], bodies: list[dict], cfg: BenchServe
     for threads, bs in [(t, b) for t in thread_counts for b in cfg.offline_batch_sizes]:
         torch.set_num_threads(threads)
         p = Predictor(PredictorConfig(ranker=ckpt["ranker"], items=ckpt["retriever"], device=device, batch_size=bs))
-        ctx, cands = [], []
-        for b in bodies:
-            c = p.context_ids(b["user"]["history"], b["user"].get("profile"))
-            for i in p.items.rows(b["item_ids"]):
-                ctx.append(c)
-                cands.append(p.items.tokens[i])
-            if len(ctx) >= cfg.offline_pairs:
-                break
-        ctx, cands = ctx[: cfg.offline_pairs], cands[: cfg.offline_pairs]
-        p.score_pairs(ctx[: min(len(ctx), bs)], cands[: min(len(ctx), bs)])  # warm-up (allocations, kernels)
-        best = math.inf
-        for _ in range(2):  # the faster of two passes: its own best, as the target asks
-            t0 = time.perf_counter()
-            p.score_pairs(ctx, cands)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
+        reqs = _ranker_pairs(p, bodies, cfg.offline_pairs)
+        ctx = [c for c, cands in reqs for _ in cands]
+        cands = [cand for _, cs in reqs for cand in cs]
+        p.score_pairs(ctx[:bs], cands[:bs])  # warm-up (allocations, kernels)
+        best = _best_seconds(device, p.score_pairs, ctx, cands)
         results[f"{threads} thread{'s' if threads > 1 else ''}, {bs} pairs per pass"] = round(len(ctx) / best, 2)
         log.info("offline score_pairs, %d threads, %d pairs per pass: %.1f pairs/s", threads, bs, len(ctx) / best)
     torch.set_num_threads(threads_before)
@@ -395,23 +411,16 @@ def offline_single_candidate(ckpt: dict[str, str], bodies: list[dict], batch: in
         torch.set_num_threads(1)
     try:
         p = Predictor(PredictorConfig(ranker=ckpt["ranker"], items=ckpt["retriever"], device=device, batch_size=128))
-        reqs = []
-        for b in bodies[:requests]:
-            ctx = p.context_ids(b["user"]["history"], b["user"].get("profile"))
-            reqs.append((ctx, [p.items.tokens[p.items.rows(b["item_ids"][:1])[0]]]))
+        reqs = _ranker_pairs(p, bodies, requests, per_body=1)
         out = {"requests": len(reqs), "batch": batch, "torch_threads": torch.get_num_threads()}
+
+        def calls(size: int) -> None:
+            for i in range(0, len(reqs), size):
+                p.score_many([r[0] for r in reqs[i:i + size]], [r[1] for r in reqs[i:i + size]])
+
         for label, size in (("one_per_pass", 1), ("batched", batch)):
             p.score_many([r[0] for r in reqs[:size]], [r[1] for r in reqs[:size]])  # warm-up
-            best = math.inf
-            for _ in range(2):
-                t0 = time.perf_counter()
-                for i in range(0, len(reqs), size):
-                    group = reqs[i:i + size]
-                    p.score_many([r[0] for r in group], [r[1] for r in group])
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                best = min(best, time.perf_counter() - t0)
-            out[f"{label}_pairs_per_s"] = round(len(reqs) / best, 2)
+            out[f"{label}_pairs_per_s"] = round(len(reqs) / _best_seconds(device, calls, size), 2)
         out["ratio"] = _ratio(out["batched_pairs_per_s"], out["one_per_pass_pairs_per_s"])
         log.info("offline one-candidate requests: %s", out)
         return out
@@ -460,7 +469,8 @@ class CpuAccount:
     def __enter__(self) -> CpuAccount:
         import psutil
 
-        self._before, self._t0, self._cpu0 = cpu_seconds_by_pid(), time.perf_counter(), psutil.cpu_times()
+        self._before = {pid: secs for pid, (_, secs) in cpu_seconds_by_pid().items()}
+        self._t0, self._cpu0 = time.perf_counter(), psutil.cpu_times()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -469,7 +479,7 @@ class CpuAccount:
         after, wall, cpu1 = cpu_seconds_by_pid(), time.perf_counter() - self._t0, psutil.cpu_times()
         roles: dict[str, float] = {}
         for pid, (role, secs) in after.items():
-            roles[role] = roles.get(role, 0.0) + secs - self._before.get(pid, (role, 0.0))[1]
+            roles[role] = roles.get(role, 0.0) + secs - self._before.get(pid, 0.0)
         busy = sum(getattr(cpu1, f) - getattr(self._cpu0, f) for f in ("user", "system", "nice", "irq", "softirq"))
         self.result = {"wall_s": round(wall, 1), "machine_cores": round(busy / wall, 2),
                        "cores_by_role": {k: round(v / wall, 3) for k, v in sorted(roles.items(), key=lambda kv: -kv[1])}}
@@ -630,35 +640,29 @@ def run_serve(cfg: BenchServeConfig, ckpt: dict[str, str], bodies: list[dict], r
                 log.info("serve %s: %s", mon.phase, _brief(r))
 
             c = cfg.batch_compare_concurrency
-            compare = {}
-            for label, size in (("off", 1), ("on", on_batch)):
-                deploy_config(bench_serve_config(cfg, ckpt, port, max_batch_size=size))  # user_config only: in place
-                _wait_ranker_batch(url, size)
-                mon.phase = f"batch {label} c={c}"
-                with CpuAccount() as acct:
-                    r = asyncio.run(closed_loop(f"{url}/v1/score", bodies, c, cfg.warmup_s, cfg.duration_s, pairs))
-                r["cpu"] = {**acct.result, "ms_per_request": acct.per_request_ms(r["rps"])}
-                r["ranker_replicas"] = mon.replicas_during(mon.phase)
-                r["max_batch_size"] = size
-                compare[label] = r
-                log.info("serve %s: %s", mon.phase, _brief(r))
-            out["batch_compare"] = compare
-            if cfg.single_candidate_compare:
-                # one candidate per request: each unbatched request is one tiny forward pass
-                singles = [{**b, "item_ids": b["item_ids"][:1]} for b in bodies]
-                compare1 = {}
+
+            def batch_off_on(name: str, reqs: list[dict], pairs_per_request: int) -> dict:
+                """Closed loop at ``c`` clients with ``max_batch_size`` 1, then the config's, CPU accounted."""
+                points = {}
                 for label, size in (("off", 1), ("on", on_batch)):
-                    deploy_config(bench_serve_config(cfg, ckpt, port, max_batch_size=size))
+                    deploy_config(bench_serve_config(cfg, ckpt, port, max_batch_size=size))  # user_config only: in place
                     _wait_ranker_batch(url, size)
-                    mon.phase = f"1-candidate batch {label} c={c}"
+                    mon.phase = f"{name}batch {label} c={c}"
                     with CpuAccount() as acct:
-                        r = asyncio.run(closed_loop(f"{url}/v1/score", singles, c, cfg.warmup_s, cfg.duration_s, 1))
+                        r = asyncio.run(closed_loop(f"{url}/v1/score", reqs, c, cfg.warmup_s, cfg.duration_s,
+                                                    pairs_per_request))
                     r["cpu"] = {**acct.result, "ms_per_request": acct.per_request_ms(r["rps"])}
                     r["ranker_replicas"] = mon.replicas_during(mon.phase)
                     r["max_batch_size"] = size
-                    compare1[label] = r
+                    points[label] = r
                     log.info("serve %s: %s", mon.phase, _brief(r))
-                out["batch_compare_single"] = compare1
+                return points
+
+            compare = out["batch_compare"] = batch_off_on("", bodies, pairs)
+            if cfg.single_candidate_compare:
+                # one candidate per request: each unbatched request is one tiny forward pass
+                singles = [{**b, "item_ids": b["item_ids"][:1]} for b in bodies]
+                out["batch_compare_single"] = batch_off_on("1-candidate ", singles, 1)
 
             best = max(v["rps"] for v in [*out["closed"].values(), *compare.values()])
             for frac in cfg.open_loop:
@@ -917,10 +921,10 @@ def results_markdown(res: dict) -> str:
         f"{fmt(ratios['serve_best_over_offline_pairs'], 2)} |",
         f"| plain best / offline best, pairs/s | {fmt(ratios['plain_best_over_offline_pairs'], 2)} |",
     ]
-    cpu_rows = [(f"batch {label}, {cfg_c} candidates/request", r) for label, r in serve["batch_compare"].items()
-                for cfg_c in [res["config"]["candidates"]]]
-    cpu_rows += [(f"batch {label}, 1 candidate/request", r) for label, r in (serve.get("batch_compare_single") or {}).items()]
-    cpu_rows = [(n, r) for n, r in cpu_rows if "cpu" in r]
+    per_request = {"batch_compare": f"{res['config']['candidates']} candidates/request",
+                   "batch_compare_single": "1 candidate/request"}
+    cpu_rows = [(f"batch {label}, {what}", r) for key, what in per_request.items()
+                for label, r in (serve.get(key) or {}).items() if "cpu" in r]
     if cpu_rows:
         roles = list(dict.fromkeys(k for _, r in cpu_rows for k in r["cpu"]["cores_by_role"]))
         lines += [

@@ -144,9 +144,9 @@ def test_cpu_account_splits_cpu_by_process_role():
     import subprocess
     import sys
 
-    # a child whose command line names the HTTP proxy's process title: classified by it
     import psutil
 
+    # a child whose command line names the HTTP proxy's process title: classified by it
     child = subprocess.Popen([sys.executable, "-c", "import time\n# ray::ProxyActor\nt=time.process_time()\n"
                               "while time.process_time() - t < 0.6: pass\ntime.sleep(60)"])
     try:
