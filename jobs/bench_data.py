@@ -1,132 +1,21 @@
 """Benchmark: the Ray Data preparation vs the same transformation in one pandas process.
 
-    python jobs/bench_data.py --sizes 1000000 10000000 --output artifacts/bench_data
+    python jobs/bench_data.py                                            # 1M and 10M events
+    python jobs/bench_data.py --set "sizes=[100000]" --set skip_pandas=true
 
-For each size it generates a synthetic log (users = events / 10, a fixed 20k-item catalogue),
-then runs each implementation in a fresh child process and reports events/s, examples/s, the
-ratio Ray / pandas, and the driver's own peak RSS (the Ray driver must stay flat as the log
-grows; the pandas process holds the whole log). Results: OUTPUT/results.json and results.md.
+Every field of recsys_ray.bench.data.BenchDataConfig via --config FILE.yaml or --set key=value.
+Results: OUTPUT/results.json and results.md; the last stdout line is a JSON summary.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import resource
-import subprocess
-import sys
-import time
-from pathlib import Path
-
-from recsys_ray.config import DataConfig, SyntheticConfig, build_config
+from recsys_ray.bench.data import BenchDataConfig, run_bench_data
+from recsys_ray.cli import job_config, job_parser, run_job
 
 
-def _data_config(source: Path, output: Path, max_history: int) -> DataConfig:
-    return build_config(
-        DataConfig,
-        {
-            "dataset": str(source / "events"),
-            "items": str(source / "items.parquet"),
-            "users": str(source / "users"),
-            "output": str(output),
-            "columns": {"event": "event"},
-            "item_text_columns": ["title", "description"],
-            "user_profile_columns": ["age", "country"],
-            "max_history": max_history,
-            "negatives": 4,
-        },
-    )
-
-
-def child(kind: str, source: Path, output: Path, max_history: int) -> None:
-    """Run one implementation and print its numbers as JSON (peak RSS of this process only)."""
-    cfg = _data_config(source, output, max_history)
-    t = time.perf_counter()
-    if kind == "ray":
-        from recsys_ray.data.pipeline import prepare
-
-        m = prepare(cfg)
-        c = m["counts"]
-        res = {"events": c["rows_read"], "examples": sum(c["examples_by_split"].values()), "stages": m["timings"]}
-    else:
-        from recsys_ray.data.reference import prepare_pandas
-
-        r = prepare_pandas(cfg)
-        res = {"events": r["rows_read"], "examples": r["examples"]}
-    res["seconds"] = round(time.perf_counter() - t, 2)
-    res["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    print("RESULT " + json.dumps(res), flush=True)
-
-
-def generate(size: int, folder: Path, seed: int) -> Path:
-    """The synthetic log for ``size`` events (reused when already generated)."""
-    from recsys_ray.data.synthetic import write_synthetic
-
-    source = folder / f"syn-{size}"
-    if (source / "DONE").exists():
-        return source
-    import ray
-
-    cfg = SyntheticConfig(num_users=max(1, size // 10), num_items=20_000, num_events=size, shard_users=20_000)
-    ray.init(include_dashboard=False, log_to_driver=False)
-    try:
-        write_synthetic(cfg, seed, source)
-    finally:
-        ray.shutdown()
-    (source / "DONE").write_text("ok")
-    return source
-
-
-def run_child(kind: str, source: Path, output: Path, max_history: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--source", str(source), "--output", str(output),
-           "--max-history", str(max_history)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RECSYS_RAY_LOG": "WARNING"})
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{kind} run failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    p.add_argument("--output", default="artifacts/bench_data")
-    p.add_argument("--max-history", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-pandas", action="store_true", help="only the Ray pipeline")
-    p.add_argument("--child", choices=["ray", "pandas"], help=argparse.SUPPRESS)
-    p.add_argument("--source", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.child:
-        child(args.child, Path(args.source), Path(args.output), args.max_history)
-        return
-
-    out = Path(args.output).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for size in args.sizes:
-        source = generate(size, out / "logs", args.seed)
-        res = {"size": size, "ray": run_child("ray", source, out / f"ray-{size}", args.max_history)}
-        print(f"size {size:>10,}: ray {res['ray']}", file=sys.stderr, flush=True)
-        if not args.skip_pandas:
-            res["pandas"] = run_child("pandas", source, out / f"pandas-{size}", args.max_history)
-            print(f"size {size:>10,}: pandas {res['pandas']}", file=sys.stderr, flush=True)
-            res["speedup"] = round(res["pandas"]["seconds"] / res["ray"]["seconds"], 2)
-        rows.append(res)
-    (out / "results.json").write_text(json.dumps({"cpus": os.cpu_count(), "runs": rows}, indent=2))
-    md = ["| events | impl | seconds | events/s | examples/s | driver peak RSS (MB) |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        for kind in ("ray", "pandas"):
-            if kind in r:
-                x = r[kind]
-                md.append(
-                    f"| {r['size']:,} | {kind} | {x['seconds']} | {x['events'] / x['seconds']:,.0f} | "
-                    f"{x['examples'] / x['seconds']:,.0f} | {x['driver_peak_rss_mb']} |"
-                )
-    (out / "results.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md), file=sys.stderr)
-    print(json.dumps({"output": str(out), "runs": [{k: v for k, v in r.items()} for r in rows]}))
+def main(argv: list[str] | None = None) -> dict:
+    args = job_parser(__doc__).parse_args(argv)
+    return run_job(lambda: run_bench_data(job_config(BenchDataConfig, args)))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@
 
 Full ranking over the whole catalogue (history masked), Ray Data batch inference with the same
 predictor class Ray Serve wraps. Writes metrics.json, report.md and PNG plots into --output,
-prints the table, and ends with a one-line JSON summary. A run directory (with
-checkpoint_manager_snapshot.json) may be given instead of a checkpoint: its best one is used.
+prints the table (stderr), and ends with a one-line JSON summary. A run directory (with
+checkpoint_manager_snapshot.json) or an s3:// URI may be given instead of a checkpoint: its best
+one is used.
 
     python jobs/evaluate.py --merge EVAL_SEED0/metrics.json EVAL_SEED1/metrics.json --output DIR
 combines separate runs (one job per seed, e.g. in parallel on a cluster) into one report.
@@ -18,6 +19,8 @@ import argparse
 import sys
 
 from recsys_ray.cli import run_job
+from recsys_ray.evaluate.evaluate import EvalSettings, evaluate, merge_results
+from recsys_ray.evaluate.report import format_table
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -33,30 +36,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-users", type=int, default=0, help="evaluate the first N test users only (smoke runs)")
     parser.add_argument("--no-baselines", action="store_true")
     args = parser.parse_args(argv)
-
     if not args.merge and not args.data:
         parser.error("--data is required (or --merge)")
 
     def job() -> dict:
-        from recsys_ray.evaluate import EvalSettings, evaluate, format_table, merge_results
-
         if args.merge:
             out = merge_results(args.merge, args.output)
-            print(format_table(out["result"]), file=sys.stderr)
-            return out["summary"]
-        from recsys_ray.train import resolve_checkpoint
-
-        settings = EvalSettings(
-            data=args.data,
-            checkpoints=[resolve_checkpoint(p) for p in args.checkpoint],
-            rankers=[resolve_checkpoint(p) for p in args.ranker],
-            output=args.output,
-            rerank_top=args.rerank_top,
-            sampled=args.sampled,
-            max_users=args.max_users,
-            baselines=not args.no_baselines,
-        )
-        out = evaluate(settings)
+        else:
+            out = evaluate(EvalSettings(
+                data=args.data, checkpoints=args.checkpoint, rankers=args.ranker, output=args.output,
+                rerank_top=args.rerank_top, sampled=args.sampled, max_users=args.max_users,
+                baselines=not args.no_baselines,
+            ))
         print(format_table(out["result"]), file=sys.stderr)
         return out["summary"]
 

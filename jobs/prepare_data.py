@@ -1,37 +1,26 @@
-"""Prepare behaviour logs for training: validate, split by time, build and tokenize examples.
+"""Prepare behaviour logs: read, validate, split by time and tokenize examples.
 
     python jobs/prepare_data.py --dataset movielens-100k --output artifacts/ml-100k
     python jobs/prepare_data.py --dataset synthetic --output artifacts/syn --set synthetic.num_events=100000
     python jobs/prepare_data.py --dataset s3://bucket/logs/ --set items=s3://bucket/items.parquet --output out/
+
+Every field of recsys_ray.data.config.DataConfig via --config FILE.yaml or --set key=value.
 """
 
 from __future__ import annotations
 
-import argparse
-
-from recsys_ray.cli import run_job
-from recsys_ray.config import DataConfig, build_config, load_yaml
+from recsys_ray.cli import job_config, job_parser, run_job
+from recsys_ray.data.config import DataConfig
+from recsys_ray.data.pipeline import prepare, summary_line
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file with DataConfig fields")
+    parser = job_parser(__doc__, "YAML file with DataConfig fields")
     parser.add_argument("--dataset", help="movielens-100k | synthetic | path, folder, glob or s3:// URI")
     parser.add_argument("--output", help="output directory")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     args = parser.parse_args(argv)
-
-    def job() -> dict:
-        from recsys_ray.data.pipeline import prepare, summary_line
-
-        data = load_yaml(args.config) if args.config else {}
-        for key in ("dataset", "output"):
-            if getattr(args, key):
-                data[key] = getattr(args, key)
-        cfg = build_config(DataConfig, data, args.set)
-        return summary_line(prepare(cfg))
-
-    return run_job(job)
+    return run_job(lambda: summary_line(prepare(
+        job_config(DataConfig, args, {"dataset": args.dataset, "output": args.output}))))
 
 
 if __name__ == "__main__":

@@ -6,29 +6,19 @@
 
 Plain `python` starts a local Ray; under `ray job submit` (RAY_ADDRESS set) it joins the cluster.
 Running again with the same `name` and `storage_path` resumes from the latest checkpoint.
+Every field of recsys_ray.train.config.TrainConfig via --config FILE.yaml or --set key=value.
 """
 
 from __future__ import annotations
 
-import argparse
-
-from recsys_ray.cli import run_job
-from recsys_ray.config import load_yaml
+from recsys_ray.cli import job_config, job_parser, run_job
+from recsys_ray.train.config import TrainConfig
+from recsys_ray.train.driver import fit
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file with TrainConfig fields (configs/*.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
-    args = parser.parse_args(argv)
-
-    def job() -> dict:
-        from recsys_ray.train import fit, load_train_config
-
-        cfg = load_train_config(load_yaml(args.config) if args.config else {}, args.set)  # fails before Ray starts
-        return fit(cfg)
-
-    return run_job(job)
+    args = job_parser(__doc__, "YAML file with TrainConfig fields (configs/*.yaml)").parse_args(argv)
+    return run_job(lambda: fit(job_config(TrainConfig, args)))  # the config fails before Ray starts
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@
     ray job submit --working-dir . -- python jobs/tune.py --config configs/tune-minilm.yaml
 
 The sweep config has a `train:` section (TrainConfig fields, optionally `base: <preset.yaml>`) and
-a `tune:` section (recsys_ray.tune.TuneSettings). Results, TensorBoard logs and report/ go under
-<tune.storage_path>/<tune.name>; --resume and --report-only take that folder (or just the name,
-looked up under --storage-path, default artifacts/tune).
+a `tune:` section (recsys_ray.tune.config.TuneSettings). Results, TensorBoard logs and report/ go
+under <tune.storage_path>/<tune.name>; --resume and --report-only take that folder (or just the
+name, looked up under --storage-path, default artifacts/tune).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 
 from recsys_ray.cli import run_job
+from recsys_ray.tune.config import load_sweep_file
+from recsys_ray.tune.sweep import report_only, resume_sweep, run_sweep
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -31,14 +33,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     def job() -> dict:
-        from recsys_ray import tune
-
         if args.resume:
-            return tune.resume_sweep(args.resume, args.storage_path)
+            return resume_sweep(args.resume, args.storage_path)
         if args.report_only:
-            return tune.report_only(args.report_only, args.storage_path)
-        sweep = tune.load_sweep_file(args.config, args.set)
-        return tune.run_sweep(sweep)  # checks config, space, data and metric before any trial starts
+            return report_only(args.report_only, args.storage_path)
+        # config, space, data and metric are checked before any trial starts
+        return run_sweep(load_sweep_file(args.config, args.set))
 
     return run_job(job)
 

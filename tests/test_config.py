@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from recsys_ray.config import DataConfig, build_config, load_yaml
+from recsys_ray.config import build_config, load_yaml
+from recsys_ray.data.config import DataConfig
 from recsys_ray.errors import ConfigError
 
 

@@ -15,7 +15,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recsys_ray.data import text as T
-from recsys_ray.data.tokenize import ContextEncoder, encode_texts, list_column, load_tokenizer
+from recsys_ray.data.tokenize import ContextEncoder, encode_texts, list_column
+from recsys_ray.model.tokenizer import load_tokenizer
 
 SEQUENCE_SCHEMA = pa.schema(
     [

@@ -1,7 +1,7 @@
 """Locating and reading tabular files (parquet / csv / jsonl) on local disk or ``s3://``.
 
-pyarrow's filesystem layer resolves the URI, so S3 credentials and endpoint come from the
-environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ...).
+Paths and URIs are opened through :func:`recsys_ray.storage.filesystem` (S3 credentials from the
+standard AWS chain, ``AWS_ENDPOINT_URL`` for S3-compatible stores).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from recsys_ray.errors import DataError
+from recsys_ray.errors import DataError, one_line
+from recsys_ray.storage import filesystem
 
 FORMATS = ("parquet", "csv", "jsonl")
 _EXTENSIONS = {
@@ -41,25 +42,6 @@ class FileRef:
     mtime_ns: int
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    if uri.startswith("s3://"):
-        # Honour a custom endpoint (MinIO, moto, ...) the way the AWS CLI does.
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        kwargs = {}
-        if endpoint:
-            scheme, _, host = endpoint.partition("://")
-            kwargs = {"endpoint_override": host or scheme, "scheme": scheme if host else "https"}
-        region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-        if region:
-            kwargs["region"] = region
-        return pafs.S3FileSystem(**kwargs), uri[len("s3://") :]
-    if "://" in uri and not uri.startswith("file://"):
-        fs, path = pafs.FileSystem.from_uri(uri)
-        return fs, path
-    path = uri[len("file://") :] if uri.startswith("file://") else uri
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
-
-
 def _join(uri: str, fs_path: str) -> str:
     return "s3://" + fs_path if uri.startswith("s3://") else fs_path
 
@@ -80,7 +62,7 @@ def detect_format(path: str, fmt: str = "auto") -> str:
 
 def list_files(uri: str, fmt: str = "auto") -> list[FileRef]:
     """Expand a file, a folder (recursively) or a glob into a sorted list of data files."""
-    fs, path = _filesystem(uri)
+    fs, path = filesystem(uri)
     has_glob = any(c in path for c in "*?[")
     if has_glob:
         parts = path.split("/")
@@ -134,7 +116,7 @@ def _has_known_extension(path: str) -> bool:
 
 
 def _open(uri: str, random_access: bool = False):
-    fs, path = _filesystem(uri)
+    fs, path = filesystem(uri)
     try:
         # parquet needs seeks (footer first); text formats stream, decompressing by extension
         return fs.open_input_file(path) if random_access else fs.open_input_stream(path)
@@ -176,7 +158,7 @@ def read_columns(ref: FileRef, sample_lines: int = 100) -> list[str]:
     except DataError:
         raise
     except (OSError, pa.ArrowInvalid) as exc:
-        raise DataError(f"{ref.uri}: cannot read ({str(exc).splitlines()[0]})") from None
+        raise DataError(f"{ref.uri}: cannot read ({one_line(exc)})") from None
 
 
 def _iter_lines(stream) -> Iterator[str]:

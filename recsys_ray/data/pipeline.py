@@ -2,13 +2,17 @@
 
 Stages (all Ray Data; the driver holds only the catalogue, the item popularity and counts):
 
-1. read + validate   one read task per file on an actor pool holding the catalogue's ids;
+1. items             the catalogue, tokenized once on the driver (``items/``)
+2. read + validate   one read task per file on an actor pool holding the catalogue's ids;
                      each row is accepted or rejected with a reason (``rejects/``)
-2. order + split     hash-partition by user, then one vectorised pass per block builds each
+3. order + split     range-partition by user, then one vectorised pass per block builds each
                      user's ordered sequence and its leave-last-out split (``sequences/``)
-3. examples          actor pool holding the tokenizer and the tokenized catalogue: contexts,
+4. examples          actor pool holding the tokenizer and the tokenized catalogue: contexts,
                      negatives, token ids (``examples/split=*``)
-4. manifest          counts that reconcile, tokenizer, text config, fingerprint
+5. manifest          counts that reconcile, tokenizer, text config, fingerprint
+
+Where each input comes from and how it is checked before Ray starts: :mod:`recsys_ray.data.sources`.
+The folder written: :mod:`recsys_ray.data.layout`.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +32,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+import ray
+from ray.data import ActorPoolStrategy
+from ray.data.context import ShuffleStrategy
 
-from recsys_ray.config import ColumnMap, DataConfig, to_dict
-from recsys_ray.data import movielens, synthetic
+from recsys_ray.config import to_dict
+from recsys_ray.data import layout
 from recsys_ray.data import text as T
+from recsys_ray.data.config import ColumnMap, DataConfig
 from recsys_ray.data.examples import (
     SEQUENCE_SCHEMA,
     ExampleBuilder,
@@ -39,136 +47,21 @@ from recsys_ray.data.examples import (
     build_sequences,
     train_item_counts,
 )
-from recsys_ray.data.files import FileRef, iter_record_batches, list_files, read_columns, read_table
-from recsys_ray.data.tokenize import encode_texts, list_column, load_tokenizer, tokenizer_info
-from recsys_ray.data.validate import REJECT_COLUMNS, log_columns, required_columns, validate_batch
-from recsys_ray.errors import DataError
+from recsys_ray.data.files import FileRef, iter_record_batches, list_files
+from recsys_ray.data.sources import (
+    Source,
+    check_log_files,
+    load_catalogue,
+    profile_columns,
+    resolve_source,
+)
+from recsys_ray.data.tokenize import encode_texts, list_column, tokenizer_info
+from recsys_ray.data.validate import REJECT_COLUMNS, log_columns, validate_batch
+from recsys_ray.errors import DataError, one_line
+from recsys_ray.model.tokenizer import load_tokenizer
 from recsys_ray.runtime import cluster_cpus, init_ray, unwrap_task_error
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-SPLITS = ("train", "valid", "test")
-_OUTPUT_PARTS = ("items", "users", "sequences", "examples", "rejects", "source", MANIFEST)
-
-
-@dataclass
-class Source:
-    """Where the events, catalogue and profiles are, and how to read them."""
-
-    events: str
-    items: str
-    users: str | None
-    columns: ColumnMap
-    format: str
-    timestamp_unit: str
-    item_id_column: str
-    user_id_column: str
-    item_text_columns: list[str]
-    user_profile_columns: list[str]
-    description: dict = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------------------
-# sources
-
-
-def resolve_source(cfg: DataConfig, out: Path) -> Source:
-    """Materialise built-in datasets into ``out/source`` and describe any source uniformly."""
-    if cfg.dataset == "movielens-100k":
-        tables, desc = movielens.load_movielens(cfg.movielens_path, cfg.cache_dir)
-        src = out / "source"
-        src.mkdir(parents=True, exist_ok=True)
-        for name, table in tables.items():
-            pq.write_table(table, src / f"{name}.parquet")
-        return Source(
-            events=str(src / "events.parquet"),
-            items=str(src / "items.parquet"),
-            users=str(src / "users.parquet"),
-            columns=ColumnMap(value="rating"),
-            format="parquet",
-            timestamp_unit="s",
-            item_id_column="item_id",
-            user_id_column="user_id",
-            item_text_columns=cfg.item_text_columns or movielens.ITEM_TEXT_COLUMNS,
-            user_profile_columns=cfg.user_profile_columns or movielens.USER_PROFILE_COLUMNS,
-            description={"dataset": "movielens-100k", **desc},
-        )
-    if cfg.dataset == "synthetic":
-        paths = synthetic.write_synthetic(cfg.synthetic, cfg.seed, out / "source")
-        return Source(
-            events=paths["events"],
-            items=paths["items"],
-            users=paths["users"],
-            columns=ColumnMap(event="event"),
-            format="parquet",
-            timestamp_unit="s",
-            item_id_column="item_id",
-            user_id_column="user_id",
-            item_text_columns=cfg.item_text_columns or ["title", "description"],
-            user_profile_columns=cfg.user_profile_columns or ["age", "country"],
-            description={"dataset": "synthetic", "seed": cfg.seed, **to_dict(cfg.synthetic)},
-        )
-    if not cfg.items:
-        raise DataError(f"items: an item catalogue file is required for logs at {cfg.dataset}")
-    return Source(
-        events=cfg.dataset,
-        items=cfg.items,
-        users=cfg.users,
-        columns=cfg.columns,
-        format=cfg.format,
-        timestamp_unit=cfg.timestamp_unit,
-        item_id_column=cfg.item_id_column,
-        user_id_column=cfg.user_id_column,
-        item_text_columns=list(cfg.item_text_columns),
-        user_profile_columns=list(cfg.user_profile_columns),
-        description={"dataset": cfg.dataset, "items": cfg.items, "users": cfg.users},
-    )
-
-
-def check_log_files(refs: list[FileRef], columns: ColumnMap) -> None:
-    """Every file has every mapped column (checked before any Ray work)."""
-    for ref in refs:
-        present = read_columns(ref)
-        for col in log_columns(columns):
-            if col not in present:
-                kind = "required" if col in required_columns(columns) else "mapped"
-                raise DataError(
-                    f"{ref.uri}: missing {kind} column {col!r} (has: {', '.join(present) or 'none'})"
-                )
-
-
-def load_catalogue(src: Source) -> tuple[pa.Table, list[str]]:
-    """Catalogue -> (item_id, text, <text columns>) with unique, non-empty ids."""
-    table = read_table(src.items)
-    name = src.items
-    if src.item_id_column not in table.column_names:
-        raise DataError(f"{name}: missing column {src.item_id_column!r} (has: {', '.join(table.column_names)})")
-    text_cols = src.item_text_columns or [c for c in table.column_names if c != src.item_id_column]
-    missing = [c for c in text_cols if c not in table.column_names]
-    if missing:
-        raise DataError(f"{name}: missing item text column {missing[0]!r} (has: {', '.join(table.column_names)})")
-    if not text_cols:
-        raise DataError(f"{name}: no text columns besides {src.item_id_column!r}")
-    if table.num_rows == 0:
-        raise DataError(f"{name}: the item catalogue is empty")
-    ids = pc.utf8_trim_whitespace(table[src.item_id_column].combine_chunks())
-    empty = np.flatnonzero(np.asarray(pc.fill_null(pc.equal(ids, ""), True)))
-    if len(empty):
-        raise DataError(f"{name}: row {int(empty[0])}: empty {src.item_id_column}")
-    counts = pc.value_counts(ids)
-    dup = pc.filter(counts, pc.greater(counts.field("counts"), 1))
-    if len(dup):
-        first = dup[0]["values"].as_py()
-        rows = np.flatnonzero(np.asarray(pc.equal(ids, first)))[:2].tolist()
-        raise DataError(f"{name}: duplicate {src.item_id_column} {first!r} at rows {rows[0]} and {rows[1]}")
-    records = table.select(text_cols).to_pylist()
-    texts = [T.render_item(r, text_cols) for r in records]
-    out = pa.table({"item_id": ids, "text": pa.array(texts, pa.string())})
-    for c in text_cols:
-        if c not in ("item_id", "text"):
-            out = out.append_column(c, table[c])
-    return out, text_cols
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +102,7 @@ class LogReader:
                 except StopIteration:
                     break
                 except (OSError, pa.ArrowException) as exc:  # a corrupt or vanished file
-                    raise DataError(f"{ref.uri}: cannot read ({str(exc).splitlines()[0]})") from None
+                    raise DataError(f"{ref.uri}: cannot read ({one_line(exc)})") from None
                 yield validate_batch(
                     table,
                     columns=self.columns,
@@ -290,9 +183,9 @@ def _sequence_stats(t: pa.Table) -> pa.Table:
 
 def _prepare_output(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
-        if not (out / MANIFEST).exists() and not (out / "source").exists():
-            raise DataError(f"output {out} is not empty and holds no {MANIFEST}; refusing to overwrite it")
-        for part in _OUTPUT_PARTS:
+        if not (out / layout.MANIFEST).exists() and not (out / layout.SOURCE).exists():
+            raise DataError(f"output {out} is not empty and holds no {layout.MANIFEST}; refusing to overwrite it")
+        for part in layout.PARTS:
             p = out / part
             if p.is_dir():
                 shutil.rmtree(p)
@@ -321,11 +214,23 @@ def _count_rows(path: Path) -> int:
     return pads.dataset(str(path), format="parquet").count_rows()
 
 
+@dataclass
+class Inputs:
+    """Everything the stages read, resolved and checked on the driver."""
+
+    cfg: DataConfig
+    src: Source
+    refs: list[FileRef]  # the log files
+    user_refs: list[FileRef]  # the user-profile files (none without profiles)
+    profile_cols: list[str]
+    catalogue: pa.Table  # item_id, text, <text columns>
+    text_cols: list[str]
+    tok: dict  # what the manifest records about the tokenizer
+    out: Path
+
+
 def prepare(cfg: DataConfig) -> dict:
     """Run the whole preparation; return the manifest (also written to ``output/manifest.json``)."""
-    import ray
-    from ray.data.context import ShuffleStrategy
-
     t0 = time.perf_counter()
     out = Path(cfg.output).expanduser().resolve()
     _prepare_output(out)
@@ -342,17 +247,8 @@ def prepare(cfg: DataConfig) -> dict:
         refs = list_files(src.events, src.format)
         check_log_files(refs, src.columns)
         catalogue, text_cols = load_catalogue(src)
-        user_refs = list_files(src.users, "auto") if src.users else []
-        profile_cols: list[str] = []
-        if user_refs:
-            present = read_columns(user_refs[0])
-            if src.user_id_column not in present:
-                raise DataError(f"{user_refs[0].uri}: missing column {src.user_id_column!r} (has: {', '.join(present)})")
-            profile_cols = src.user_profile_columns or [c for c in present if c != src.user_id_column]
-            missing = [c for c in profile_cols if c not in present]
-            if missing:
-                raise DataError(f"{user_refs[0].uri}: missing profile column {missing[0]!r} (has: {', '.join(present)})")
-        manifest = _run(cfg, src, refs, user_refs, profile_cols, catalogue, text_cols, tok, out)
+        user_refs, profile_cols = profile_columns(src)
+        manifest = _run(Inputs(cfg, src, refs, user_refs, profile_cols, catalogue, text_cols, tok, out))
     except Exception as exc:  # errors raised in Ray workers arrive wrapped
         inner = unwrap_task_error(exc)
         if inner is not exc:
@@ -361,7 +257,7 @@ def prepare(cfg: DataConfig) -> dict:
     finally:
         ctx.shuffle_strategy = previous_strategy
     manifest["seconds"] = round(time.perf_counter() - t0, 2)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    (out / layout.MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return manifest
 
 
@@ -374,8 +270,6 @@ def _file_rows(refs: list[FileRef]) -> list[dict]:
 
 def _sum_rows(ds, columns: list[str]) -> dict[str, int]:
     """Sum small per-block summary tables on the driver (no shuffle: one row per block)."""
-    import ray
-
     totals = dict.fromkeys(columns, 0)
     for ref in ds.to_arrow_refs():
         t = ray.get(ref)
@@ -386,8 +280,6 @@ def _sum_rows(ds, columns: list[str]) -> dict[str, int]:
 
 def _counts_by_key(ds, key: str) -> dict[str, int]:
     """(key, count) rows from every block -> one dict on the driver (keys are few: reasons, items)."""
-    import ray
-
     out: dict[str, int] = {}
     for ref in ds.to_arrow_refs():
         t = ray.get(ref)
@@ -396,38 +288,50 @@ def _counts_by_key(ds, key: str) -> dict[str, int]:
     return out
 
 
-def _run(cfg, src, refs, user_refs, profile_cols, catalogue, text_cols, tok, out: Path) -> dict:
-    import ray
-    from ray.data import ActorPoolStrategy
-
+def _run(inp: Inputs) -> dict:
     cpus = cluster_cpus()
-    actors = cfg.num_actors or cpus
-    pool = ActorPoolStrategy(min_size=1, max_size=actors)
+    actors = inp.cfg.num_actors or cpus
     timings: dict[str, float] = {}
 
-    # items: the catalogue is small next to the log and already on the driver; its texts are
-    # tokenized once here (the tokenizer is loaded anyway) and shipped to every example actor
-    t = time.perf_counter()
-    full_ids = encode_texts(load_tokenizer(cfg.tokenizer), catalogue["text"].to_pylist())
-    items = catalogue.append_column("full_ids", list_column(full_ids))
-    items_out = catalogue.append_column("input_ids", pc.list_slice(items["full_ids"], 0, cfg.max_item_tokens))
-    (out / "items").mkdir(parents=True, exist_ok=True)
-    pq.write_table(items_out, out / "items" / "items.parquet")
-    timings["items"] = time.perf_counter() - t
+    def timed(stage: str, fn, *args):
+        t = time.perf_counter()
+        result = fn(*args)
+        timings[stage] = time.perf_counter() - t
+        return result
 
-    # 1. read + validate: one block per file so files are read in parallel
-    t = time.perf_counter()
-    files_ds = ray.data.from_arrow(pa.Table.from_pylist(_file_rows(refs)), override_num_blocks=len(refs))
+    items = timed("items", _write_items, inp)
+    validated, counts = timed("read_validate", _read_validate, inp, actors)
+    sequences, stats, popularity = timed("split", _split_users, inp, validated)
+    timed("examples", _write_examples, inp, sequences, items, popularity, actors)
+    assert stats["events"] == counts["accepted"], (stats, counts)  # every accepted event is in a sequence
+    return _manifest(inp, items, counts, stats, timings, cpus, actors)
+
+
+def _write_items(inp: Inputs) -> pa.Table:
+    """The catalogue is small next to the log and already on the driver: its texts are tokenized
+    once here and shipped to every example actor (``full_ids``: untruncated, for exact contexts)."""
+    full_ids = encode_texts(load_tokenizer(inp.cfg.tokenizer), inp.catalogue["text"].to_pylist())
+    items = inp.catalogue.append_column("full_ids", list_column(full_ids))
+    items_out = inp.catalogue.append_column("input_ids", pc.list_slice(items["full_ids"], 0, inp.cfg.max_item_tokens))
+    (inp.out / layout.ITEMS).mkdir(parents=True, exist_ok=True)
+    pq.write_table(items_out, inp.out / layout.ITEMS / "items.parquet")
+    return items
+
+
+def _read_validate(inp: Inputs, actors: int):
+    """One block per file so files are read in parallel; rejects written with their reasons."""
+    src, out = inp.src, inp.out
+    files_ds = ray.data.from_arrow(pa.Table.from_pylist(_file_rows(inp.refs)), override_num_blocks=len(inp.refs))
     validated = files_ds.map_batches(
         LogReader,
         fn_constructor_kwargs={
             "columns": src.columns,
             "timestamp_unit": src.timestamp_unit,
-            "catalogue_ids": catalogue["item_id"].combine_chunks(),
+            "catalogue_ids": inp.catalogue["item_id"].combine_chunks(),
             "batch_rows": 262_144,
             "env": storage_env(),
         },
-        compute=pool,
+        compute=ActorPoolStrategy(min_size=1, max_size=actors),
         batch_size=1,
         batch_format="pyarrow",
     ).materialize()
@@ -437,25 +341,27 @@ def _run(cfg, src, refs, user_refs, profile_cols, catalogue, text_cols, tok, out
     by_reason = _counts_by_key(validated.map_batches(_reject_counts, batch_format="pyarrow", batch_size=None), "reason")
     n_rejected = sum(by_reason.values())
     if n_rejected:
-        validated.map_batches(_rejected, batch_format="pyarrow", batch_size=None).write_parquet(str(out / "rejects"))
-    n_accepted = rows_read - n_rejected
-    if n_accepted == 0:
-        raise DataError(f"every one of the {rows_read} events in {src.events} was rejected; see {out / 'rejects'}")
-    timings["read_validate"] = time.perf_counter() - t
+        validated.map_batches(_rejected, batch_format="pyarrow", batch_size=None).write_parquet(str(out / layout.REJECTS))
+    if n_rejected == rows_read:
+        raise DataError(f"every one of the {rows_read} events in {src.events} was rejected; see {out / layout.REJECTS}")
+    return validated, {"read": rows_read, "rejected": n_rejected, "accepted": rows_read - n_rejected,
+                       "by_reason": by_reason}
 
-    # 2. order + split per user. Sorting by user (range partitioning) puts all of a user's
-    # rows - events and profile - in one block, the guarantee Ray's own map_groups relies on;
-    # the per-user time order is then sorted inside each block.
-    t = time.perf_counter()
+
+def _split_users(inp: Inputs, validated):
+    """Order + split per user. Sorting by user (range partitioning) puts all of a user's rows -
+    events and profile - in one block, the guarantee Ray's own map_groups relies on; the per-user
+    time order is then sorted inside each block."""
+    with_profiles = bool(inp.user_refs)
     accepted = validated.map_batches(
-        _accepted, fn_kwargs={"with_profile": bool(user_refs)}, batch_format="pyarrow", batch_size=None
+        _accepted, fn_kwargs={"with_profile": with_profiles}, batch_format="pyarrow", batch_size=None
     )
-    if user_refs:
+    if with_profiles:
         profiles = ray.data.from_arrow(
-            pa.Table.from_pylist(_file_rows(user_refs)), override_num_blocks=len(user_refs)
+            pa.Table.from_pylist(_file_rows(inp.user_refs)), override_num_blocks=len(inp.user_refs)
         ).map_batches(
             read_profiles,
-            fn_kwargs={"id_column": src.user_id_column, "profile_columns": profile_cols, "env": storage_env()},
+            fn_kwargs={"id_column": inp.src.user_id_column, "profile_columns": inp.profile_cols, "env": storage_env()},
             batch_size=1,
             batch_format="pyarrow",
         )
@@ -464,33 +370,33 @@ def _run(cfg, src, refs, user_refs, profile_cols, catalogue, text_cols, tok, out
         accepted.sort("user_id")
         .map_batches(
             build_sequences,
-            fn_kwargs={"min_user_events": cfg.min_user_events},
+            fn_kwargs={"min_user_events": inp.cfg.min_user_events},
             batch_size=None,
             batch_format="pyarrow",
         )
         .materialize()
     )
     # with profiles, sequences keep profile_text: history="items" models train from sequences
-    seq_columns = SEQUENCE_SCHEMA.names + (["profile_text"] if user_refs else [])
-    sequences.select_columns(seq_columns).write_parquet(str(out / "sequences"))
+    seq_columns = SEQUENCE_SCHEMA.names + (["profile_text"] if with_profiles else [])
+    sequences.select_columns(seq_columns).write_parquet(str(inp.out / layout.SEQUENCES))
     stats = _sum_rows(
         sequences.map_batches(_sequence_stats, batch_format="pyarrow", batch_size=None),
         ["users", "events", "train_events", "split_users", "profiles"],
     )
     popularity = None
-    if cfg.negative_sampling == "popularity":
+    if inp.cfg.negative_sampling == "popularity":
         popularity = _counts_by_key(
             sequences.map_batches(train_item_counts, batch_format="pyarrow", batch_size=None), "item_id"
         )
-    timings["split"] = time.perf_counter() - t
+    return sequences, stats, popularity
 
-    # 3. examples: contexts, negatives and token ids on the actor pool (tokenizer once per actor)
-    t = time.perf_counter()
-    settings = ExampleSettings.from_config(cfg)
+
+def _write_examples(inp: Inputs, sequences, items: pa.Table, popularity: dict | None, actors: int) -> None:
+    """Contexts, negatives and token ids on the actor pool (the tokenizer loaded once per actor)."""
     examples = sequences.map_batches(
         ExampleBuilder,
         fn_constructor_kwargs={
-            "settings": settings,
+            "settings": ExampleSettings.from_config(inp.cfg),
             "items": items.select(["item_id", "text", "full_ids"]),
             "popularity": popularity,
         },
@@ -504,21 +410,22 @@ def _run(cfg, src, refs, user_refs, profile_cols, catalogue, text_cols, tok, out
         batch_format="pyarrow",
     )
     # writing is I/O next to the CPU-bound actors; a whole CPU per write task would idle one actor
-    examples.write_parquet(str(out / "examples"), partition_cols=["split"], ray_remote_args={"num_cpus": 0.1})
-    timings["examples"] = time.perf_counter() - t
+    examples.write_parquet(str(inp.out / layout.EXAMPLES), partition_cols=["split"], ray_remote_args={"num_cpus": 0.1})
 
-    example_counts = {s: _count_rows(out / "examples" / f"split={s}") for s in SPLITS}
+
+def _manifest(inp: Inputs, items: pa.Table, counts: dict, stats: dict, timings: dict, cpus: int, actors: int) -> dict:
+    cfg, out = inp.cfg, inp.out
+    example_counts = {s: _count_rows(out / layout.split_part(s)) for s in layout.SPLITS}
     users, split_users = stats["users"], stats["split_users"]
-    assert stats["events"] == n_accepted, (stats, n_accepted)  # every accepted event is in a sequence
     return {
         "dataset": cfg.dataset,
         "output": str(out),
-        "source": src.description,
+        "source": inp.src.description,
         "counts": {
-            "rows_read": rows_read,
-            "events_accepted": n_accepted,
-            "events_rejected": n_rejected,
-            "rejects_by_reason": by_reason,
+            "rows_read": counts["read"],
+            "events_accepted": counts["accepted"],
+            "events_rejected": counts["rejected"],
+            "rejects_by_reason": counts["by_reason"],
             "items": items.num_rows,
             "users": users,
             "users_split": split_users,
@@ -527,17 +434,17 @@ def _run(cfg, src, refs, user_refs, profile_cols, catalogue, text_cols, tok, out
             "events_by_split": {"train": stats["train_events"], "valid": split_users, "test": split_users},
             "examples_by_split": example_counts,
         },
-        "tokenizer": tok,
+        "tokenizer": inp.tok,
         "text": {
-            "item_text_columns": text_cols,
-            "user_profile_columns": profile_cols,
+            "item_text_columns": inp.text_cols,
+            "user_profile_columns": inp.profile_cols,
             "max_history": cfg.max_history,
             "max_context_tokens": cfg.max_context_tokens,
             "max_item_tokens": cfg.max_item_tokens,
             "history_order": "most_recent_first",
         },
         "config": to_dict(cfg),
-        "fingerprint": _fingerprint(cfg, src, refs, tok),
+        "fingerprint": _fingerprint(cfg, inp.src, inp.refs, inp.tok),
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "ray": {"cpus": cpus, "actors": actors},
     }

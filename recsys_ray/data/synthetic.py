@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 
-from recsys_ray.config import SyntheticConfig
+from recsys_ray.data.config import SyntheticConfig
 
 TOPICS = [
     "jazz", "hiking", "chess", "sushi", "robots", "gardening", "poetry", "surfing", "baking",
@@ -146,8 +147,6 @@ def write_synthetic(cfg: SyntheticConfig, seed: int, out_dir: str | Path) -> dic
     Shards run as Ray tasks when Ray is initialised (the bench's 10M events), else in-process;
     user profiles are written per shard (``users/part-*.parquet``) so nothing is gathered here.
     """
-    import ray
-
     out = Path(out_dir)
     (out / "events").mkdir(parents=True, exist_ok=True)
     (out / "users").mkdir(parents=True, exist_ok=True)

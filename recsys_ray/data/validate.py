@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recsys_ray.config import ColumnMap
+from recsys_ray.data.config import ColumnMap
 
 EVENT_SCHEMA = pa.schema(
     [

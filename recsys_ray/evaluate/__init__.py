@@ -1,0 +1,1 @@
+"""Offline evaluation: metrics, baselines, the evaluation job and its report (see evaluate.py)."""

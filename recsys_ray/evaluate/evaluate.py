@@ -1,0 +1,341 @@
+"""Offline evaluation: fine-tuned models vs popularity and EASE, on the same split and protocol.
+
+Protocol (DESIGN.md): leave-last-out by time; each test user's held-out item is ranked against
+the WHOLE catalogue, the user's train+validation items masked (the target itself never is);
+NDCG/HR/MRR/Recall @ 5, 10, 20, 50; ties pessimistic. A sampled protocol (1 positive + 99
+uniform unseen items, fixed seed) is only computed on request and always labelled "sampled".
+
+Model scoring is Ray Data batch inference: the test split is read with ``read_parquet`` and
+mapped by :class:`RankUDF`, an actor class wrapping :class:`recsys_ray.predict.Predictor`
+(the class Ray Serve wraps too), so offline and served scores come from the same code.
+
+Per retriever checkpoint (one per training seed) it reports
+- ``retriever``: its own scores;
+- ``retriever+prior``: plus ``beta * log(1 + train count)``, beta chosen on the validation
+  split (in-batch softmax learns scores with item popularity divided out; the prior puts it back);
+- ``two-stage``: with ``--ranker``: the retriever's top N (at the chosen beta) rescored by the
+  ranker, everything below keeps the retriever's order (a retrieval miss stays a miss for K <= N);
+  plus ``retriever_recall@N`` on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from recsys_ray import checkpoint, storage
+from recsys_ray.data import layout
+from recsys_ray.errors import ConfigError, RecsysError
+from recsys_ray.evaluate.baselines import baseline_ranks
+from recsys_ray.evaluate.metrics import (
+    DEFAULT_KS,
+    HEADLINE,
+    MetricAccumulator,
+    sample_unseen,
+    sampled_ranks,
+    target_ranks,
+)
+from recsys_ray.evaluate.report import write_report
+from recsys_ray.predict import Predictor, PredictorConfig
+from recsys_ray.runtime import cluster_cpus, init_ray
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BETAS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+
+
+@dataclass
+class EvalSettings:
+    data: str
+    checkpoints: list[str] = field(default_factory=list)  # retrievers, one per training seed
+    rankers: list[str] = field(default_factory=list)  # none, one, or one per retriever
+    output: str = "artifacts/eval"
+    rerank_top: int = 50
+    betas: tuple[float, ...] = DEFAULT_BETAS
+    sampled: bool = False
+    sampled_negatives: int = 99
+    seed: int = 0
+    batch_size: int = 64
+    actors: int = 0  # 0: one per CPU of the cluster, at most 2
+    max_users: int = 0  # 0: every test user
+    baselines: bool = True
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.checkpoints and not self.rankers:
+            out.append("give at least one --checkpoint (retriever) or --ranker")
+        if self.rankers and self.checkpoints and len(self.rankers) not in (1, len(self.checkpoints)):
+            out.append(f"--ranker: give one ranker or one per checkpoint ({len(self.checkpoints)}), got {len(self.rankers)}")
+        for p in [*self.checkpoints, *self.rankers]:
+            if not storage.is_remote(p) and not Path(p).is_dir():
+                out.append(f"checkpoint not found: {p}")
+        if not (Path(self.data) / layout.MANIFEST).is_file():
+            out.append(f"--data {self.data}: not a prepared data directory (no manifest.json)")
+        if self.rerank_top < 1:
+            out.append("rerank_top must be >= 1")
+        if not self.betas or any(b < 0 for b in self.betas):
+            out.append("betas must be a non-empty list of values >= 0")
+        return out
+
+
+def _seen_rows(items_index: dict, seen: Sequence[str], target: int) -> np.ndarray:
+    rows = np.fromiter((items_index[i] for i in seen), dtype=np.int64, count=len(seen))
+    return rows[rows != target]  # a repeat of a history item is still a legitimate hit
+
+
+# --- the Ray Data UDF ----------------------------------------------------------------------------
+
+
+class RankUDF:
+    """Ray Data actor: test rows -> ranks of each row's target under every scoring variant.
+
+    Output columns: ``user_id``, ``rank_retriever`` (its own scores), ``rank_b{j}`` (retriever +
+    betas[j] * prior, full ranking), ``rank_two_stage``, ``in_shortlist`` (with a ranker),
+    ``rank_sampled_*`` (when asked).
+    """
+
+    def __init__(self, predictor: dict, betas: Sequence[float], rerank_beta: float | None,
+                 sampled: int, seed: int, torch_threads: int = 1):
+        self.p = Predictor(PredictorConfig(**predictor, torch_threads=torch_threads))
+        self.betas = list(betas)
+        self.rerank_beta = rerank_beta
+        self.sampled, self.seed = sampled, seed
+        counts = self.p.items.counts
+        self.prior = np.log1p(counts).astype(np.float32) if counts is not None else np.zeros(len(self.p.items), np.float32)
+
+    def __call__(self, batch: dict) -> dict:
+        p, items = self.p, self.p.items
+        n = len(batch["user_id"])
+        targets = np.array([items.index[t] for t in batch["target_item_id"]], dtype=np.int64)
+        seen = [_seen_rows(items.index, list(s), int(t)) for s, t in zip(batch["seen_item_ids"], targets, strict=True)]
+        contexts = p.example_contexts(batch, "retriever") if p.retriever is not None else None
+        rank_contexts = p.example_contexts(batch, "ranker") if p.ranker is not None else None
+        mask = np.zeros((n, len(items)), dtype=bool)
+        for j, s in enumerate(seen):
+            mask[j, s] = True
+        out: dict[str, np.ndarray] = {"user_id": np.asarray(batch["user_id"])}
+        if p.retriever is not None:
+            raw = p.retrieval_scores(contexts, with_prior=False)  # (n, I)
+            for j, b in enumerate(self.betas):
+                out[f"rank_b{j}"] = target_ranks(raw + b * self.prior[None, :], targets, mask)
+            zero = [j for j, b in enumerate(self.betas) if b == 0]
+            out["rank_retriever"] = out[f"rank_b{zero[0]}"] if zero else target_ranks(raw, targets, mask)
+            if self.sampled:
+                out["rank_sampled_retriever"] = self._sampled(batch, raw, targets, seen)
+        if p.retriever is not None and p.ranker is not None and self.rerank_beta is not None:
+            out["rank_two_stage"], out["in_shortlist"] = self._two_stage(raw, targets, mask, seen, rank_contexts)
+        if p.ranker is not None and self.sampled:
+            ranks = np.empty(n, np.int64)
+            for j in range(n):
+                negs = sample_unseen(batch["user_id"][j], np.append(seen[j], targets[j]), len(items), self.sampled, self.seed)
+                sc = p.rerank(rank_contexts[j], np.concatenate([[targets[j]], negs]))
+                ranks[j] = int(sampled_ranks(sc[:1], sc[None, 1:])[0])
+            out["rank_sampled_ranker"] = ranks
+        return out
+
+    def _two_stage(self, raw, targets, mask, seen, rank_contexts) -> tuple[np.ndarray, np.ndarray]:
+        """The retriever's top N (with the prior) reranked; below N the retriever's own rank."""
+        p, n = self.p, len(targets)
+        scores = raw + self.rerank_beta * self.prior[None, :]
+        full = target_ranks(scores, targets, mask)
+        n_top = p.cfg.rerank_top
+        two, hit = np.empty(n, np.int64), np.zeros(n, bool)
+        for j in range(n):
+            s = scores[j].copy()
+            s[seen[j]] = -np.inf
+            top = np.argpartition(-s, n_top - 1)[:n_top]
+            if targets[j] in top:
+                hit[j] = True
+                r = p.rerank(rank_contexts[j], top)
+                t = r[int(np.flatnonzero(top == targets[j])[0])]
+                two[j] = int(np.count_nonzero(r >= t)) - 1  # pessimistic ties
+            else:
+                two[j] = full[j]  # below the reranked top N, in retriever order: >= N
+        return two, hit
+
+    def _sampled(self, batch, raw, targets, seen) -> np.ndarray:
+        ranks = np.empty(len(targets), np.int64)
+        for j in range(len(targets)):
+            negs = sample_unseen(batch["user_id"][j], np.append(seen[j], targets[j]), raw.shape[1], self.sampled, self.seed)
+            ranks[j] = int(sampled_ranks(raw[j, targets[j]][None], raw[j, negs][None])[0])
+        return ranks
+
+
+def rank_split(settings: EvalSettings, split: str, retriever: str | None, ranker: str | None,
+               rerank_beta: float | None, sampled: int = 0) -> dict[str, np.ndarray]:
+    """Run :class:`RankUDF` over one split with Ray Data; returns the rank columns (by user)."""
+    cpus = max(1, int(cluster_cpus()))
+    actors = settings.actors or min(2, cpus)
+    part = layout.split_part(split)
+    columns = ["user_id", "target_item_id", "context_ids", "seen_item_ids"]
+    if "profile_ids" in layout.columns(settings.data, part):
+        columns.append("profile_ids")  # item-token retrievers read the profile's ids
+    ds = layout.read_dataset(settings.data, part).select_columns(columns)
+    if settings.max_users:  # the first N users by id: the same users the baselines score
+        ids = layout.read_split(settings.data, split, ["user_id"])
+        keep = set(sorted(ids["user_id"].to_pylist())[: settings.max_users])
+        ds = ds.filter(lambda row: row["user_id"] in keep)
+    # read before the actors start: actors holding every CPU would leave the read tasks none
+    ds = ds.materialize()
+    # a small split is one block: split it so every actor gets a share
+    ds = ds.repartition(max(1, min(ds.count() // settings.batch_size, 4 * actors))).materialize()
+    predictor = {"retriever": retriever, "ranker": ranker, "items": settings.data,
+                 "batch_size": settings.batch_size, "rerank_top": settings.rerank_top}
+    ranked = ds.map_batches(
+        RankUDF,
+        fn_constructor_kwargs={"predictor": predictor, "betas": list(settings.betas), "rerank_beta": rerank_beta,
+                               "sampled": sampled, "seed": settings.seed,
+                               "torch_threads": max(1, cpus // actors)},
+        batch_size=settings.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=min(1.0, cpus / actors) * 0.9,  # leave a sliver for the reader and the driver
+    )
+    rows = ranked.to_pandas()
+    rows = rows.sort_values("user_id", kind="stable").reset_index(drop=True)
+    return {c: rows[c].to_numpy() for c in rows.columns}
+
+
+# --- aggregation ---------------------------------------------------------------------------------
+
+
+def metrics_of(ranks: np.ndarray) -> dict:
+    return MetricAccumulator(ks=DEFAULT_KS).update(np.asarray(ranks, dtype=np.int64)).result()
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    """Mean and sample std over seeds of every metric."""
+    keys = [k for k in per_seed[0] if isinstance(per_seed[0][k], float)]
+    mean = {k: float(np.mean([m[k] for m in per_seed])) for k in keys}
+    std = {k: (float(np.std([m[k] for m in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0) for k in keys}
+    return {"mean": mean, "std": std, "seeds": len(per_seed), "num_users": per_seed[0].get("num_users")}
+
+
+def _headline(models: dict) -> dict:
+    return {n: {k: round(m["mean"][k], 4) for k in HEADLINE} for n, m in models.items()}
+
+
+# --- the job -------------------------------------------------------------------------------------
+
+
+def _best_beta(valid: dict[str, np.ndarray], betas: Sequence[float]) -> tuple[float, dict]:
+    curve = {float(b): metrics_of(valid[f"rank_b{j}"])["ndcg@10"] for j, b in enumerate(betas)}
+    best = max(curve, key=lambda b: (curve[b], -b))  # ties: the smaller prior
+    return best, curve
+
+
+def evaluate(settings: EvalSettings) -> dict:
+    """Score every model, write metrics.json / report.md / PNGs; returns the summary.
+
+    Checkpoints may be checkpoint directories, run directories (their best checkpoint) or
+    ``s3://`` URIs.
+    """
+    problems = settings.problems()
+    if problems:
+        raise ConfigError(problems)
+    settings.checkpoints = [checkpoint.resolve(p) for p in settings.checkpoints]
+    settings.rankers = [checkpoint.resolve(p) for p in settings.rankers]
+    t0 = time.perf_counter()
+    manifest = layout.read_manifest(settings.data)
+    init_ray()
+    models: dict[str, dict] = {}
+    notes: list[str] = []
+
+    def add(name: str, protocol: str, per_seed: list[dict], extra: dict | None = None):
+        models[name] = {**aggregate(per_seed), "protocol": protocol, "per_seed": per_seed, **(extra or {})}
+
+    num_users = None
+    if settings.baselines:
+        base = baseline_ranks(settings.data, settings.max_users)
+        for name in ("popularity", "EASE"):
+            add(name, "full", [metrics_of(base[name]["ranks"])], {"params": base[name]["params"]})
+        num_users = len(base["_users"]["ids"])
+    rankers = settings.rankers
+    if rankers and len(rankers) == 1 and len(settings.checkpoints) > 1:
+        rankers = rankers * len(settings.checkpoints)
+    per: dict[str, list[dict]] = {}
+    betas_chosen, recalls = [], []
+    for i, ckpt in enumerate(settings.checkpoints or [None] * len(rankers)):
+        ranker = rankers[i] if rankers else None
+        beta = None
+        if ckpt is not None:
+            valid = rank_split(settings, "valid", ckpt, None, None)
+            beta, curve = _best_beta(valid, settings.betas)
+            betas_chosen.append({"checkpoint": ckpt, "beta": beta, "valid_ndcg@10_by_beta": curve})
+        test = rank_split(settings, "test", ckpt, ranker, beta,
+                          sampled=settings.sampled_negatives if settings.sampled else 0)
+        num_users = num_users or len(test["user_id"])
+        if ckpt is not None:
+            per.setdefault("retriever", []).append(metrics_of(test["rank_retriever"]))
+            j = list(settings.betas).index(beta)
+            per.setdefault("retriever+prior", []).append(metrics_of(test[f"rank_b{j}"]))
+        if "rank_two_stage" in test:
+            per.setdefault("two-stage", []).append(metrics_of(test["rank_two_stage"]))
+            recalls.append(float(np.mean(test["in_shortlist"])))
+        for col, name in (("rank_sampled_retriever", "retriever (sampled)"), ("rank_sampled_ranker", "ranker (sampled)")):
+            if col in test:
+                per.setdefault(name, []).append(metrics_of(test[col]))
+    for name, ps in per.items():
+        protocol = f"sampled_1+{settings.sampled_negatives}" if "sampled" in name else "full"
+        extra = {"checkpoints": list(settings.checkpoints) if "ranker" not in name else list(rankers)}
+        if name == "two-stage":
+            extra["rerank_top"] = settings.rerank_top
+            extra["retriever_recall@N"] = {"mean": float(np.mean(recalls)), "per_seed": recalls}
+            notes.append(f"two-stage: retriever top {settings.rerank_top} rescored by the ranker; the retriever's "
+                         f"recall@{settings.rerank_top} alone is {np.mean(recalls):.4f} (an upper bound on HR@K of the pipeline)")
+        if name == "retriever+prior":
+            extra["betas"] = betas_chosen
+            notes.append("retriever+prior: score + beta * log(1 + train count); beta chosen per checkpoint on the "
+                         f"validation split from {list(settings.betas)}: " + ", ".join(str(b["beta"]) for b in betas_chosen))
+        add(name, protocol, ps, extra)
+    result = {
+        "data": settings.data,
+        "dataset": manifest.get("dataset"),
+        "data_fingerprint": manifest.get("fingerprint"),
+        "num_items": manifest.get("counts", {}).get("items"),
+        "num_users": num_users,
+        "protocol": "leave-last-out, full ranking, history masked, ties pessimistic",
+        "ks": list(DEFAULT_KS),
+        "models": models,
+        "notes": notes,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    files = write_report(result, Path(settings.output))
+    summary = {"output": settings.output, **files, "seconds": result["seconds"], "headline": _headline(models)}
+    return {"summary": summary, "result": result}
+
+
+def merge_results(paths: Sequence[str], output: str) -> dict:
+    """Combine metrics.json files of separate runs over the same data (e.g. one per seed, run as
+    separate jobs): each model's per-seed rows are concatenated; deterministic baselines kept once."""
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    first = results[0]
+    for p, r in zip(paths, results, strict=True):
+        if r.get("data_fingerprint") != first.get("data_fingerprint") or r.get("num_users") != first.get("num_users"):
+            raise RecsysError(f"{p}: evaluated on other data or users than {paths[0]}; cannot merge")
+    models: dict[str, dict] = {}
+    for r in results:
+        for name, m in r["models"].items():
+            if name not in models:
+                models[name] = {k: v for k, v in m.items() if k not in ("mean", "std", "seeds")}
+                models[name]["per_seed"] = list(m["per_seed"])
+                models[name]["checkpoints"] = list(m.get("checkpoints") or [])
+            elif m.get("checkpoints"):  # a model row (baselines have no checkpoints: kept once)
+                models[name]["per_seed"] += m["per_seed"]
+                models[name]["checkpoints"] += m["checkpoints"]
+                if "betas" in m:
+                    models[name]["betas"] = models[name].get("betas", []) + m["betas"]
+    for m in models.values():
+        m.update(aggregate(m["per_seed"]))
+    notes = list(dict.fromkeys(n for r in results for n in r.get("notes", [])))
+    result = {**first, "models": models, "notes": notes, "merged_from": list(paths),
+              "seconds": round(sum(r.get("seconds", 0) for r in results), 1)}
+    files = write_report(result, Path(output))
+    return {"summary": {"output": output, **files, "merged": len(paths), "headline": _headline(models)},
+            "result": result}

@@ -1,0 +1,272 @@
+"""Item-token retriever (sequence model): the user's history as one learned token per item, read
+causally by the pretrained BERT.
+
+``model.kind: retriever``, ``history: items`` (the ``cpu`` preset). Each catalogue item is one
+vector (initialised from the mean of the item text's pretrained word-piece embeddings, so the
+vocabulary seeds it); ``[CLS] profile [SEP] item_1 .. item_L`` -> the hidden state at each position
+-> ``Linear(H, H)`` -> unit length = the user after that item; item vectors = the same item
+embeddings, unit length (tied, as in SASRec). One forward pass trains a next-item prediction at
+every position, which is what makes it affordable on CPUs. Item positions carry ids
+``vocab_size + row`` in the input ids, so contexts stay plain lists of ints everywhere (data,
+Predictor, Serve). It trains from ``sequences/`` (a window of each user's train events per step),
+scores catalogue items only (free-text candidates need a ranker) and validates by full ranking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from recsys_ray.data import layout
+from recsys_ray.data.catalogue import Catalogue
+from recsys_ray.data.tokenize import encode_texts
+from recsys_ray.errors import ConfigError, RecsysError
+from recsys_ray.model import losses
+from recsys_ray.model.base import (
+    Batch,
+    InputSettings,
+    Retriever,
+    TrainSettings,
+    ValidationSettings,
+    pad_rows,
+)
+
+
+def history_context(profile_ids: Sequence[int] | None, history_rows: Sequence[int], item_offset: int,
+                    history_len: int, special: tuple[int, int, int], max_profile_tokens: int = 32) -> list[int]:
+    """Context ids ``profile [SEP] item_1 .. item_L``, oldest first, the last ``history_len``
+    catalogue rows as ids ``item_offset + row`` ([CLS] is added by the batch)."""
+    _, sep_id, _ = special
+    rows = list(history_rows)[-history_len:] if history_len else []
+    return [*list(profile_ids or [])[:max_profile_tokens], sep_id, *(item_offset + int(r) for r in rows)]
+
+
+def build_sequence_batch(ids_list: Sequence[Sequence[int]], special: tuple[int, int, int]) -> Batch:
+    """Inputs ``[CLS] ids`` (no closing [SEP]: the user vector is read at the last real position),
+    right-padded to the longest row."""
+    cls_id, _, pad_id = special
+    rows = [np.concatenate([[cls_id], np.asarray(ids, dtype=np.int64)]) for ids in ids_list]
+    return pad_rows(rows, [len(r) for r in rows], pad_id)
+
+
+class SequenceCollator:
+    """User sequences -> causal next-item rows for one micro-batch.
+
+    A row is one user's train events (the first ``n_train`` of ``item_ids``). Each draw cuts a
+    window of up to ``history_len + 1`` events ending at ``e = min(n_train, U[1, n_train +
+    history_len])``, which makes every train event equally likely to be a target. Input =
+    ``[CLS] profile [SEP] w_0 .. w_{n-2}``; the target at ``w_j``'s position is ``w_{j+1}``, and
+    at ``[SEP]`` it is ``w_0`` when the window starts at the user's first event. For the sampled
+    losses every target gets ``negatives`` uniform catalogue items other than itself.
+    """
+
+    def __init__(self, items: Catalogue, special: tuple[int, int, int], item_offset: int, history_len: int,
+                 negatives: int, tokenizer, seed: int, sampled: bool):
+        self.items, self.special, self.offset, self.L = items, special, item_offset, history_len
+        self.k, self.tok, self.sampled = negatives, tokenizer, sampled
+        self.rng = np.random.default_rng(seed)
+        self._profiles: dict[str, list[int]] = {}
+
+    def _profile(self, row: dict) -> list[int]:
+        text = row.get("profile_text") or ""
+        if not text:
+            return []
+        if row["user_id"] not in self._profiles:
+            self._profiles[row["user_id"]] = encode_texts(self.tok, [text])[0]
+        return self._profiles[row["user_id"]]
+
+    def __call__(self, rows: list[dict]) -> Batch:
+        contexts, targets = [], []
+        for r in rows:
+            seq = [self.items.index[i] for i in list(r["item_ids"])[: int(r["n_train"])]]  # n_train >= 1
+            end = min(len(seq), int(self.rng.integers(1, len(seq) + self.L + 1)))
+            start = max(0, end - (self.L + 1))
+            window = seq[start:end]
+            ctx = history_context(self._profile(r), window[:-1], self.offset, self.L, self.special)
+            n_prefix = len(ctx) - (len(window) - 1)  # profile + [SEP]; [CLS] shifts everything by 1
+            t = [-100] * (len(ctx) + 1)
+            if start == 0:
+                t[n_prefix] = window[0]  # at [SEP]: the first event from the profile alone
+            for j in range(1, len(window)):
+                t[n_prefix + j] = window[j]
+            contexts.append(ctx)
+            targets.append(t)
+        b = build_sequence_batch(contexts, self.special)
+        tgt = torch.full(b["input_ids"].shape, -100, dtype=torch.long)  # (B, L)
+        for i, t in enumerate(targets):
+            tgt[i, : len(t)] = torch.as_tensor(t)
+        out = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "targets": tgt}
+        if self.sampled:
+            pos = tgt[tgt >= 0]  # (M,) in the order train_scores selects them
+            negs = torch.as_tensor(self.rng.integers(0, len(self.items), size=(len(pos), self.k)))
+            clash = negs == pos[:, None]
+            negs[clash] = (negs[clash] + 1) % len(self.items)  # never the target itself
+            out["candidates"] = torch.cat([pos[:, None], negs], dim=1)  # (M, 1 + K)
+        out["tokens"] = torch.tensor(int(b["attention_mask"].sum()))
+        return out
+
+
+class ItemTokenRetriever(Retriever):
+    """The history as item tokens (causal BERT); item vectors tied to the item tokens."""
+
+    history = "items"
+    train_part = layout.SEQUENCES
+    bucket_key = "item_ids"
+    scores_texts = False
+    prepared_negatives = False  # the sampled losses draw negatives per step
+
+    def _add_tables(self, num_items: int, hidden: int) -> None:
+        if num_items < 1:
+            raise RecsysError("a history='items' retriever needs the catalogue (num_items >= 1)")
+        # (N, H) one vector per catalogue row: input tokens of the history and the item tower (tied)
+        self.item_emb = nn.Embedding(num_items, hidden)
+
+    @classmethod
+    def encoder_options(cls) -> dict:
+        return {"is_decoder": True, "use_cache": False}  # causal: position t sees positions <= t
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer=None, item_tokens=None) -> ItemTokenRetriever:
+        if not item_tokens:
+            raise ConfigError(["model.history 'items' needs the catalogue's item tokens to build item embeddings"])
+        return super().from_config(cfg, tokenizer, item_tokens)
+
+    @torch.no_grad()
+    def init_tables(self, item_tokens: Sequence[Sequence[int]] | None) -> None:
+        """Item embeddings = mean of each item's word-piece embeddings ("text"), or BERT's random init."""
+        emb = self.item_emb.weight  # (N, H)
+        words = self.encoder.embeddings.word_embeddings.weight  # (V, H)
+        if self.cfg.item_init == "random":
+            emb.normal_(std=self.encoder.config.initializer_range)
+            return
+        for row, ids in enumerate(item_tokens):
+            ids = torch.as_tensor(list(ids), dtype=torch.long)
+            emb[row] = words[ids].mean(dim=0) if len(ids) else words.mean(dim=0)
+
+    @classmethod
+    def saved_items(cls, state: dict[str, torch.Tensor], path: Path) -> int:
+        if "item_emb.weight" not in state:
+            raise RecsysError(f"{path}: a history='items' checkpoint without item_emb.weight")
+        return int(state["item_emb.weight"].shape[0])
+
+    @property
+    def item_offset(self) -> int:
+        """Input id of catalogue row 0 in a context (ids below are word pieces)."""
+        return self.encoder.config.vocab_size
+
+    @property
+    def num_items(self) -> int:
+        return self.item_emb.num_embeddings
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids, word pieces below ``item_offset`` and items above -> (B, L, H) input vectors."""
+        off = self.item_offset
+        is_item = (input_ids >= off).unsqueeze(-1)  # (B, L, 1)
+        words = self.encoder.embeddings.word_embeddings(input_ids.clamp(max=off - 1))  # (B, L, H)
+        items = self.item_emb((input_ids - off).clamp(min=0))  # (B, L, H)
+        return torch.where(is_item, items, words)
+
+    def encode_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Unit-length user vector after every position (causal) -> (B, L, H)."""
+        h = self.encoder(
+            inputs_embeds=self._embed(input_ids), attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state  # (B, L, H); position t sees positions <= t only
+        return self.normalize(self.head(h))  # (B, L, H)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The user vector after the last real position of each :func:`build_sequence_batch` row -> (B, H)."""
+        last = attention_mask.sum(dim=1) - 1  # (B,) index of the last real position
+        vecs = self.encode_positions(input_ids, attention_mask)  # (B, L, H)
+        return vecs[torch.arange(len(last), device=vecs.device), last]  # (B, H)
+
+    def item_vectors(self) -> torch.Tensor:
+        """Every catalogue item's unit vector (N, H) (the tied item embeddings)."""
+        return self.normalize(self.item_emb.weight)
+
+    def input_batch(self, ids_list, special) -> Batch:
+        return build_sequence_batch(ids_list, special)
+
+    # --- training --------------------------------------------------------------------------------
+
+    @classmethod
+    def train_rows(cls, manifest: dict) -> tuple[int, str]:
+        return manifest["counts"]["users"], "users"  # one row per user; a window drawn per step
+
+    @classmethod
+    def data_problem(cls, root: str) -> str | None:
+        if "profile_ids" not in layout.columns(root, layout.split_part("valid")):
+            return f"{root}: prepared by an older recsys_ray (no profile_ids); prepare the data again"
+        return None
+
+    @classmethod
+    def train_columns(cls, root: str) -> list[str]:
+        cols = ["user_id", "item_ids", "n_train"]
+        if "profile_text" in layout.columns(root, layout.SEQUENCES):
+            cols.append("profile_text")
+        return cols
+
+    def collator(self, catalogue, special, settings: TrainSettings, tokenizer, rank: int):
+        return SequenceCollator(catalogue, special, self.item_offset, self.cfg.history_len, settings.negatives,
+                                tokenizer, settings.seed + rank, sampled=settings.loss != "softmax")
+
+    def train_scores(self, batch: Batch) -> tuple[torch.Tensor, None]:
+        """A prediction at every position with a target: (M, N) over the catalogue, or (M, 1 + K)
+        over sampled candidates (column 0 the target)."""
+        vecs = self.encode_positions(batch["input_ids"], batch["attention_mask"])  # (B, L, H)
+        u = vecs[batch["targets"] >= 0]  # (M, H)
+        items = self.item_vectors()  # (N, H)
+        if "candidates" in batch:
+            return torch.einsum("mh,mkh->mk", u, items[batch["candidates"]]) / self.cfg.temperature, None
+        return self.score(u, items), None
+
+    def train_loss(self, loss: str, scores: torch.Tensor, extra, batch: Batch) -> torch.Tensor:
+        """``softmax`` over the whole catalogue; the sampled losses over each target's list."""
+        if loss == "softmax":
+            return losses.softmax(scores, batch["targets"][batch["targets"] >= 0])  # (M, N) vs catalogue rows
+        return losses.compute_loss(loss, scores)
+
+    @torch.no_grad()
+    def validation_ranks(self, rows, catalogue, special, device, settings: ValidationSettings) -> tuple[list[int], str]:
+        item_vecs = self.item_vectors().cpu()
+
+        def contexts(chunk):
+            return [history_context(r.get("profile_ids"), [catalogue.index[i] for i in r["seen_item_ids"]],
+                                    self.item_offset, self.cfg.history_len, special) for r in chunk]
+
+        return self.full_ranks(rows, catalogue, item_vecs, special, device, settings.batch_size, contexts), "full"
+
+    # --- predictor side ------------------------------------------------------------------------
+
+    def context_ids(self, rows, profile_ids, catalogue, inputs: InputSettings) -> list[int]:
+        return history_context(profile_ids, rows, self.item_offset, self.cfg.history_len, inputs.special)
+
+    def example_contexts(self, batch, catalogue, inputs: InputSettings) -> list[list[int]]:
+        profiles = batch["profile_ids"] if "profile_ids" in batch else [None] * len(batch["seen_item_ids"])
+        return [history_context(list(p) if p is not None else None, catalogue.rows(list(seen)), self.item_offset,
+                                self.cfg.history_len, inputs.special)
+                for p, seen in zip(profiles, batch["seen_item_ids"], strict=True)]
+
+    def candidate_ids(self, rows, catalogue) -> list[list[int]]:
+        return [[self.item_offset + int(r)] for r in rows]
+
+    def candidate_vectors(self, candidates, special, device, batch_size, catalogue_vectors) -> torch.Tensor:
+        off = self.item_offset
+        rows = [c[0] - off if len(c) == 1 and c[0] >= off else None for c in candidates]
+        if any(r is None for r in rows):
+            raise RecsysError("this retriever reads item tokens (history='items'): it scores catalogue item ids, not texts")
+        return catalogue_vectors()[torch.as_tensor(rows, dtype=torch.long)]
+
+    def catalogue_problem(self, catalogue) -> str | None:
+        if self.num_items != len(catalogue):
+            return (f"the retriever has {self.num_items} item embeddings but the catalogue has "
+                    f"{len(catalogue)} items (another catalogue?)")
+        return None
+
+    @torch.no_grad()
+    def catalogue_vectors(self, catalogue, special, device, batch_size: int) -> torch.Tensor:
+        return self.item_vectors().cpu()

@@ -1,0 +1,70 @@
+"""The only place that uses Ray internals: each use, why no public API serves, and what breaks.
+
+Pinned to Ray 2.60 (pyproject). Each function imports the internal module when it is called, so a
+Ray upgrade that moves one breaks that one feature with an ImportError naming it, not every import
+of recsys_ray; the tests exercise all three.
+
+- :func:`deploy_serve_config`: ``serve run CONFIG`` / ``serve deploy`` from Python. ``serve.run``
+  takes an application object and gives every deployment a fresh code version, so a change
+  confined to ``user_config`` would restart replicas instead of reconfiguring them in place.
+- :func:`worker_group_callback`: a Ray Train callback that runs in the Train controller when its
+  worker group starts (Tune's sweep guard frees the placement group of a trial ASHA killed).
+  Ray Train passes non-user callbacks of ``RunConfig(callbacks=)`` to its controller as they are,
+  "so custom workarounds built on top of internal callbacks" work; the base class is internal.
+- :func:`read_run_snapshot`: the kept checkpoints of a Ray Train run and the metrics they were
+  reported with, from the run folder alone (``checkpoint_manager_snapshot.json``). Ray's public
+  ``Result`` needs the driver that ran the fit; ``Result.from_path`` reads Tune's layout, not a
+  Train V2 run's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import ray
+
+from recsys_ray import storage
+
+RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's checkpoint bookkeeping, per run
+
+
+def deploy_serve_config(config: dict) -> list[str]:
+    """Deploy a Serve config dict as ``serve deploy`` does; returns the application names."""
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    client = serve_start(http_options=schema.http_options.model_dump())
+    client.deploy_apps(schema)
+    return [app.name for app in schema.applications]
+
+
+def worker_group_callback(on_start: Callable) -> object:
+    """A Train callback calling ``on_start(placement_group, controller_actor)`` in the controller
+    each time a worker group starts (first start and every restart after a failure)."""
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    class OnWorkerGroupStart(WorkerGroupCallback):
+        def after_worker_group_start(self, worker_group) -> None:
+            pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
+            on_start(pg, ray.get_runtime_context().current_actor)
+
+    return OnWorkerGroupStart()
+
+
+def read_run_snapshot(run_path: str) -> dict | None:
+    """``{"checkpoints": [(dir_name, metrics), ...] in Ray's order (worst first, ties: earlier
+    first), "latest": (dir_name, metrics) | None}`` of a Ray Train run folder (local or URI),
+    or None when the folder holds no snapshot or one of another layout."""
+    text = storage.read_text(storage.join(run_path, RUN_SNAPSHOT))
+    if text is None:
+        return None
+    try:
+        doc = json.loads(text)
+        kept = [(r["checkpoint_dir_name"], dict(r.get("metrics") or {})) for r in doc.get("checkpoint_results", [])]
+        latest = doc.get("latest_checkpoint_result")
+        last = (latest["checkpoint_dir_name"], dict(latest.get("metrics") or {})) if latest else None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None  # another layout (another Ray version): callers fall back to the folder listing
+    return {"checkpoints": kept, "latest": last}

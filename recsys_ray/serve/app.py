@@ -1,0 +1,432 @@
+"""Ray Serve application: a FastAPI ingress in front of a Retriever and an optional Ranker.
+
+    serve run serve_configs/local.yaml      # CPU, 127.0.0.1:8000
+    serve run serve_configs/prod.yaml       # GPU replicas, autoscaling, s3:// checkpoints
+
+``import_path: recsys_ray.serve:build_app`` with ``args`` = :class:`~recsys_ray.serve.api.AppArgs`.
+Three deployments:
+
+- ``Retriever``: a :class:`~recsys_ray.predict.Predictor` over the retriever checkpoint; holds the
+  item-vector matrix of the whole catalogue (computed in the constructor, so a replica is only
+  routed to once it is loaded). User encodings from concurrent requests are merged by
+  ``@serve.batch`` into one encoder pass, then one matrix product gives every user's top N.
+  Without a ranker it also answers ``/v1/score`` (scaled cosine).
+- ``Ranker`` (optional): a Predictor over the ranker checkpoint; the (context, candidate) pairs of
+  every request in a ``@serve.batch`` go through ``Predictor.score_many`` together (sorted by
+  length, cut into ``forward_batch_size`` rows per encoder pass) and each request gets its own
+  slice back, in its order.
+- ``RecsysAPI``: the HTTP ingress (routes of :func:`recsys_ray.serve.api.create_api`).
+
+Batch size and wait are the model deployments' ``user_config`` (:class:`BatchConfig`), applied by
+``reconfigure`` without restarting replicas. Scoring is the offline Predictor's own code, so served
+scores equal offline ones. A request whose model replica died under it (a scale-down past its
+grace period) is retried once on another replica, then answered 503 + ``Retry-After``. A missing
+or mismatched checkpoint fails :func:`build_app` (local paths) or the replica constructor
+(``s3://``) with the reason.
+"""
+
+import asyncio
+import collections
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve import Application
+from ray.serve.config import BackpressureConfig
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from recsys_ray import checkpoint, storage
+from recsys_ray.data.catalogue import CATALOGUE_FILE
+from recsys_ray.errors import ConfigError, RecsysError, one_line
+from recsys_ray.model.kinds import checkpoint_config
+from recsys_ray.predict import Predictor, PredictorConfig, rerank_order
+from recsys_ray.ray_compat import deploy_serve_config
+from recsys_ray.serve.api import (
+    RETRY_AFTER_S,
+    ApiError,
+    AppArgs,
+    RecommendedItem,
+    RecommendRequest,
+    RecommendResponse,
+    ScoreRequest,
+    ScoreResponse,
+    create_api,
+    overloaded,
+    refusal,
+    refusal_detail,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH_SIZE = 16
+DEFAULT_BATCH_WAIT_S = 0.005
+
+
+class BatchConfig(BaseModel):
+    """``user_config`` of the Ranker and Retriever deployments (changeable at runtime)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1, description="requests merged into one batch (1 = no batching)")
+    batch_wait_timeout_s: float = Field(DEFAULT_BATCH_WAIT_S, ge=0.0, description="how long a batch waits to fill")
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when this process sees a GPU (Serve gives one to num_gpus replicas)."""
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class _ModelReplica:
+    """Loads one Predictor (one model role) and applies the batch settings."""
+
+    kind = "retriever"
+
+    def _load(self, checkpoint_path: str, items: str | None, device: str, forward_batch_size: int,
+              max_context_tokens: int | None, popularity_weight: float, torch_threads: int | None) -> None:
+        # check_args resolved local paths on the driver; an s3:// path is copied here, once per node
+        local = checkpoint.resolve(checkpoint_path)
+        if items is not None and storage.is_remote(items):  # the retriever's checkpoint (the Ranker's catalogue)
+            items = checkpoint.resolve(items)
+        cfg = PredictorConfig(
+            **{self.kind: local}, items=items or local, device=resolve_device(device),
+            batch_size=forward_batch_size, max_context_tokens=max_context_tokens,
+            popularity_weight=popularity_weight if self.kind == "retriever" else 0.0,
+            torch_threads=torch_threads,
+        )
+        self.predictor = Predictor(cfg)
+        self.checkpoint = checkpoint_path
+        self.batches = collections.Counter()  # batch size -> how many batches
+
+    def _batch_handlers(self) -> list:
+        return []
+
+    def reconfigure(self, user_config: dict) -> None:
+        """``user_config`` -> batch size / wait of every ``@serve.batch`` method, live."""
+        cfg = BatchConfig.model_validate(user_config or {})
+        for handler in self._batch_handlers():
+            handler.set_max_batch_size(cfg.max_batch_size)
+            handler.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.batch_config = cfg
+        log.info("%s: %s", self.kind, cfg)
+
+    def ready(self) -> dict:
+        """Answered only once the constructor finished: the checkpoint is loaded."""
+        return {"kind": self.kind, "checkpoint": self.checkpoint, "items": len(self.predictor.items),
+                "device": str(self.predictor.device), "replica": serve.get_replica_context().replica_id.unique_id,
+                **self.batch_config.model_dump()}
+
+    def stats(self) -> dict:
+        """Batches served by this replica so far, by size."""
+        return {"batches": dict(sorted(self.batches.items()))}
+
+    async def _score(self, user: dict, item_ids: list[str] | None, texts: list[str] | None) -> dict:
+        try:
+            ctx = self.predictor.user_inputs(user)
+            cands = self.predictor.candidates(item_ids, texts)
+        except RecsysError as exc:
+            return refusal(exc)
+        scores, batch = await self._score_batch((ctx, cands))
+        return {"scores": scores.tolist(), "batch_size": batch}
+
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
+    async def _score_batch(self, requests: list[tuple[list[int], list[list[int]]]]) -> list[tuple[np.ndarray, int]]:
+        """Every request's candidates in one ``score_many`` call; each gets its slice back."""
+        self.batches[len(requests)] += 1
+        # a worker thread: the event loop keeps accepting requests (the next batch) meanwhile
+        out = await asyncio.to_thread(self.predictor.score_many, [r[0] for r in requests], [r[1] for r in requests])
+        return [(s, len(requests)) for s in out]
+
+
+# defaults of both model deployments (a Serve config file overrides any of them)
+MODEL_DEPLOYMENT_OPTIONS = dict(
+    ray_actor_options={"num_cpus": 1},
+    max_ongoing_requests=32,
+    max_queued_requests=128,
+    backpressure_config=BackpressureConfig(retry_after_s=RETRY_AFTER_S),
+    user_config=BatchConfig().model_dump(),
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_wait_loop_s=2,
+    graceful_shutdown_timeout_s=20,
+)
+
+
+@serve.deployment(**MODEL_DEPLOYMENT_OPTIONS)
+class Ranker(_ModelReplica):
+    """Cross-encoder: (context, candidate) pairs of concurrent requests scored in one batch."""
+
+    kind = "ranker"
+
+    def __init__(self, checkpoint: str, items: str | None = None, device: str = "auto",
+                 forward_batch_size: int = 128, max_context_tokens: int | None = None,
+                 torch_threads: int | None = None):
+        self._load(checkpoint, items, device, forward_batch_size, max_context_tokens, 0.0, torch_threads)
+
+    def _batch_handlers(self) -> list:
+        return [self._score_batch]
+
+    async def score(self, user: dict, item_ids: list[str] | None = None, texts: list[str] | None = None) -> dict:
+        """``{"scores": [...], "batch_size": n}`` or ``{"error": ...}`` for bad input."""
+        return await self._score(user, item_ids, texts)
+
+    async def score_rows(self, user: dict, rows: list[int]) -> dict:
+        """Ranker scores of catalogue rows (the retriever's shortlist) for one user."""
+        try:
+            ctx = self.predictor.user_inputs(user)
+        except RecsysError as exc:
+            return refusal(exc)
+        scores, batch = await self._score_batch((ctx, self.predictor.candidate_ids(rows)))
+        return {"scores": scores.tolist(), "batch_size": batch}
+
+
+@serve.deployment(**MODEL_DEPLOYMENT_OPTIONS)
+class Retriever(_ModelReplica):
+    """Dual encoder: the catalogue's item vectors in memory; user encodings batched."""
+
+    kind = "retriever"
+
+    def __init__(self, checkpoint: str, items: str | None = None, device: str = "auto",
+                 forward_batch_size: int = 128, max_context_tokens: int | None = None,
+                 popularity_weight: float = 0.0, torch_threads: int | None = None):
+        self._load(checkpoint, items, device, forward_batch_size, max_context_tokens, popularity_weight, torch_threads)
+        self.predictor.item_vectors()  # (I, H), before the first request: readiness means loaded
+
+    def _batch_handlers(self) -> list:
+        return [self._score_batch, self._retrieve_batch]
+
+    async def score(self, user: dict, item_ids: list[str] | None = None, texts: list[str] | None = None) -> dict:
+        """Scaled cosine per candidate (used when the app has no ranker)."""
+        return await self._score(user, item_ids, texts)
+
+    async def retrieve(self, user: dict, n: int, exclude_history: bool = True) -> dict:
+        """Top ``n`` catalogue rows for one user: ``{"rows", "item_ids", "texts", "scores", "batch_size"}``."""
+        try:
+            ctx = self.predictor.user_inputs(user)
+            exclude = self.predictor.items.rows(user.get("history") or []) if exclude_history else []
+        except RecsysError as exc:
+            return refusal(exc)
+        (rows, scores), batch = await self._retrieve_batch((ctx, int(n), exclude))
+        items = self.predictor.items
+        return {"rows": rows.tolist(), "item_ids": [items.ids[r] for r in rows],
+                "texts": [items.texts[r] for r in rows], "scores": scores.tolist(), "batch_size": batch}
+
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
+    async def _retrieve_batch(self, requests: list[tuple[list[int], int, list[int]]]) -> list:
+        """One encoder pass for all users, one (B, I) matrix product, a top n per user."""
+        self.batches[len(requests)] += 1
+        n = max(r[1] for r in requests)
+        out = await asyncio.to_thread(self.predictor.retrieve, [r[0] for r in requests], n, [r[2] for r in requests])
+        # the top n of a user's top max-n list is its own top n (same order, ties by row)
+        return [((rows[: r[1]], s[: r[1]]), len(requests)) for r, (rows, s) in zip(requests, out, strict=True)]
+
+
+class ServeBackend:
+    """The routes' backend inside Serve: calls the model deployments through their handles."""
+
+    def __init__(self, retriever: DeploymentHandle, ranker: DeploymentHandle | None, args: AppArgs):
+        self.retriever, self.ranker, self.args = retriever, ranker, args
+
+    async def _call(self, method, *args, **kwargs) -> dict:
+        for attempt in (1, 2):
+            try:
+                out = await method.remote(*args, **kwargs)
+                break
+            except BackPressureError:
+                raise overloaded("the model deployment's queue is full") from None
+            except DeploymentUnavailableError as exc:
+                raise ApiError(503, exc.message) from None
+            except RayActorError as exc:
+                # the replica died under the request (scale-down past its grace period, a crash):
+                # scoring is idempotent, so try another replica once, then tell the client to retry
+                log.warning("model replica lost (attempt %d): %s", attempt, one_line(exc))
+                if attempt == 2:
+                    raise overloaded("a model replica went away") from None
+        if "error" in out:
+            raise ApiError(422, refusal_detail(out))
+        return out
+
+    async def score(self, req: ScoreRequest) -> tuple[ScoreResponse, int]:
+        target, model = (self.ranker, "ranker") if self.ranker is not None else (self.retriever, "retriever")
+        out = await self._call(target.score, req.user.model_dump(), req.item_ids, req.texts)
+        return ScoreResponse(model=model, scores=out["scores"]), out["batch_size"]
+
+    async def recommend(self, req: RecommendRequest) -> tuple[RecommendResponse, int]:
+        user = req.user.model_dump()
+        n = max(req.k, self.args.rerank_top) if self.ranker is not None else req.k
+        got = await self._call(self.retriever.retrieve, user, n, req.exclude_history)
+        if self.ranker is None or not got["rows"]:
+            items = [RecommendedItem(item_id=i, text=t, score=s)
+                     for i, t, s in zip(got["item_ids"], got["texts"], got["scores"], strict=True)]
+            return RecommendResponse(model="retriever", items=items), got["batch_size"]
+        ranked = await self._call(self.ranker.score_rows, user, got["rows"])
+        scores = np.asarray(ranked["scores"])
+        items = [RecommendedItem(item_id=got["item_ids"][j], text=got["texts"][j], score=float(scores[j]))
+                 for j in rerank_order(scores, req.k)]
+        return RecommendResponse(model="retriever+ranker", items=items), ranked["batch_size"]
+
+    async def ready(self) -> tuple[bool, dict]:
+        handles = {"retriever": self.retriever, **({"ranker": self.ranker} if self.ranker is not None else {})}
+
+        async def ask(h: DeploymentHandle) -> dict:
+            return await h.ready.remote()
+
+        try:
+            infos = await asyncio.wait_for(asyncio.gather(*(ask(h) for h in handles.values())), timeout=3)
+        except Exception as exc:  # not up yet, failed, or timed out: all mean "not ready"
+            problems = await asyncio.to_thread(_deployment_problems)
+            return False, {"reason": problems or f"{type(exc).__name__}: {exc}"}
+        return True, {"models": dict(zip(handles, infos, strict=True))}
+
+
+def _deployment_problems() -> str:
+    """Why this app's model deployments are not healthy, from the Serve controller (best effort)."""
+    try:
+        ctx = serve.get_replica_context()
+        app = serve.status().applications[ctx.app_name]
+    except Exception:
+        return ""
+    return "; ".join(f"{name}: {d.status.value} ({_last_error_line(d.message)})"
+                     for name, d in app.deployments.items() if d.status.value != "HEALTHY")
+
+
+def _last_error_line(message: str) -> str:
+    """The exception line at the end of a Serve status message (which carries a whole traceback)."""
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", message or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else "no message"
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=256,  # async routes that mostly await the model deployments
+    max_queued_requests=512,
+    backpressure_config=BackpressureConfig(retry_after_s=RETRY_AFTER_S),
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_wait_loop_s=2,
+    graceful_shutdown_timeout_s=20,
+)
+@serve.ingress()
+class RecsysAPI:
+    """HTTP ingress; routes from :func:`~recsys_ray.serve.api.create_api`, models behind handles."""
+
+    def __init__(self, retriever: DeploymentHandle, ranker: DeploymentHandle | None, args: dict):
+        self.backend = ServeBackend(retriever, ranker, AppArgs.model_validate(args))
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_api(self.backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# the builder
+
+
+def check_args(args: AppArgs) -> AppArgs:
+    """Local checkpoints exist and are of the right kind, a catalogue exists: every problem at once.
+
+    Paths come back absolute (replicas do not share the caller's working directory); run
+    directories come back as their best checkpoint, resolved here once. ``s3://`` paths are
+    checked (and copied) by the replicas.
+    """
+    problems: list[str] = []
+    resolved: dict[str, str | None] = {}
+    for field, kind in (("checkpoint", "retriever"), ("ranker_checkpoint", "ranker")):
+        path = getattr(args, field)
+        resolved[field] = path
+        if path is None or storage.is_remote(path):
+            continue
+        try:
+            local = os.path.abspath(checkpoint.resolve(path))
+            cfg, _ = checkpoint_config(local)
+        except RecsysError as exc:
+            problems.append(f"{field}: {exc}")
+            continue
+        if cfg.kind != kind:
+            problems.append(f"{field}: {path} is a {cfg.kind} checkpoint, expected a {kind}")
+        resolved[field] = local
+    if args.items is not None:
+        if storage.is_remote(args.items):
+            problems.append("items: must be a local path (an s3:// catalogue travels inside the checkpoint)")
+        elif not Path(args.items).exists():
+            problems.append(f"items: not found: {args.items}")
+        else:
+            resolved["items"] = os.path.abspath(args.items)
+    elif not storage.is_remote(args.checkpoint) and not any(p.startswith("checkpoint:") for p in problems):
+        if not (Path(resolved["checkpoint"]) / CATALOGUE_FILE).is_file():
+            problems.append(f"checkpoint: {args.checkpoint} has no {CATALOGUE_FILE}; pass items= (a prepared data dir)")
+    if problems:
+        raise ConfigError(problems)
+    return args.model_copy(update=resolved)
+
+
+def app_from_args(args: AppArgs, options: dict[str, dict] | None = None) -> Application:
+    """The application for ``args``; ``options`` = per-deployment ``.options()`` overrides
+    (tests and the benchmark; a Serve config file uses its ``deployments:`` list instead)."""
+    args = check_args(args)
+    options = options or {}
+
+    def opts(deployment):
+        return deployment.options(**options[deployment.name]) if deployment.name in options else deployment
+
+    common = {"device": args.device, "forward_batch_size": args.forward_batch_size,
+              "max_context_tokens": args.max_context_tokens, "torch_threads": args.torch_threads}
+    retriever = opts(Retriever).bind(args.checkpoint, items=args.items,
+                                     popularity_weight=args.popularity_weight, **common)
+    ranker = None
+    if args.ranker_checkpoint:
+        # the retriever's catalogue for both: a row means the same item in both deployments
+        ranker = opts(Ranker).bind(args.ranker_checkpoint, items=args.items or args.checkpoint, **common)
+    return opts(RecsysAPI).bind(retriever, ranker, args.model_dump())
+
+
+def build_app(args: AppArgs) -> Application:
+    """Typed app builder for ``import_path: recsys_ray.serve:build_app`` (Serve validates ``args``)."""
+    if isinstance(args, dict):  # called directly with a dict
+        try:
+            args = AppArgs.model_validate(args)
+        except ValidationError as exc:
+            raise ConfigError([f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]) from None
+    return app_from_args(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# deploying a config from Python (tests, the benchmark)
+
+
+def deploy_config(config: dict, timeout_s: float = 600) -> None:
+    """Deploy a Serve config dict (a ``serve_configs/*.yaml``) the way ``serve run CONFIG`` and
+    ``serve deploy`` do, and wait until its applications run.
+
+    Unlike ``serve.run(app)``, a config keeps each deployment's code version, so a change
+    confined to ``user_config`` reconfigures the running replicas in place. Raises
+    :class:`RecsysError` with the failing deployment's reason.
+    """
+    for name in deploy_serve_config(config):
+        wait_for_app(name, timeout_s)
+
+
+def wait_for_app(name: str, timeout_s: float = 600) -> None:
+    """Block until application ``name`` is RUNNING; a failed one raises with its reason."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(name)
+        state = app.status.value if app is not None else "NOT_STARTED"
+        if state == "RUNNING":
+            return
+        if state in ("DEPLOY_FAILED", "UNHEALTHY"):
+            reasons = [f"{dep}: {_last_error_line(d.message)}" for dep, d in app.deployments.items()
+                       if d.status.value != "HEALTHY"]
+            raise RecsysError(f"Serve application {name!r} {state}: " + ("; ".join(reasons) or _last_error_line(app.message)))
+        if time.monotonic() > deadline:
+            raise RecsysError(f"Serve application {name!r} not running after {timeout_s:.0f} s (status {state})")
+        time.sleep(0.5)

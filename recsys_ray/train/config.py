@@ -1,0 +1,103 @@
+"""Everything a training run needs: presets in ``configs/*.yaml`` carry the same fields."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from recsys_ray.config import build_config
+from recsys_ray.model import kinds
+from recsys_ray.model.base import TrainSettings, ValidationSettings
+from recsys_ray.model.config import ModelConfig
+from recsys_ray.model.losses import LOSSES, LossName
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW with linear warmup and linear decay."""
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "lr": "> 0", "weight_decay": ">= 0", "warmup_ratio": "[0, 1)", "grad_clip": ">= 0",
+        "grad_accum": ">= 1", "new_lr": ">= 0",
+    }
+
+    lr: float = 5e-5  # peak learning rate
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    warmup_ratio: float = 0.1  # fraction of all steps spent warming up
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    new_lr: float = 0.0  # peak lr of the parameters that are not pretrained (head, item embeddings); 0 = lr
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """End-of-epoch validation."""
+
+    RANGES: ClassVar[dict[str, str]] = {"max_users": ">= 0", "ranker_candidates": ">= 2", "batch_size": ">= 1"}
+
+    max_users: int = 0  # validate on the first N validation users (0 = all)
+    ranker_candidates: int = 100  # ranker: 1 positive + (N - 1) sampled unseen items (labelled "sampled")
+    batch_size: int = 64  # contexts (retriever) or pairs (ranker) per forward pass
+    seed: int = 0  # seed of the ranker's sampled candidate lists
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run needs; presets in configs/*.yaml carry the same fields."""
+
+    RANGES: ClassVar[dict[str, str]] = {
+        **dict.fromkeys(("batch_size", "epochs", "num_workers", "keep_checkpoints", "log_every", "bucket_batches"), ">= 1"),
+        **dict.fromkeys(("negatives", "max_steps_per_epoch", "max_context_tokens", "checkpoint_every_steps",
+                         "max_failures", "torch_threads"), ">= 0"),
+    }
+
+    data: str = "artifacts/ml-100k"  # prepared data directory (jobs/prepare_data.py output)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    loss: LossName = "softmax"  # retriever + softmax = in-batch negatives too
+    negatives: int = 4  # negatives per positive used from the prepared examples (<= prepared)
+    batch_size: int = 16  # examples per worker per micro-batch
+    epochs: int = 1  # passes (of steps_per_epoch steps) over the train split
+    max_steps_per_epoch: int = 0  # cap on steps per epoch (0 = the whole split)
+    max_context_tokens: int = 0  # cut contexts further at batch time (0 = as prepared)
+    bucket_batches: int = 8  # length bucketing: sort this many batches' rows by length, then batch
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    num_workers: int = 2  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False  # one GPU per worker; bf16 autocast on GPU only
+    resources_per_worker: dict = dataclasses.field(default_factory=dict)  # e.g. {"CPU": 1}
+    storage_path: str = "artifacts/runs"  # run storage: local path or s3:// URI
+    name: str = "train"  # run name under storage_path (same name = resume)
+    keep_checkpoints: int = 2  # best K checkpoints by validation ndcg@10
+    checkpoint_every_steps: int = 0  # extra mid-epoch checkpoints (0 = end of epoch only)
+    max_failures: int = 0  # worker failures tolerated (restarts from the latest checkpoint)
+    log_every: int = 10  # rank 0 prints a progress line every N steps
+    seed: int = 0  # model init, data order, dropout
+    torch_threads: int = 0  # intra-op threads per worker (0 = CPUs per worker)
+
+    def problems(self) -> list[str]:
+        out = []
+        kind = kinds.model_kind_problem(self.model)
+        if kind:
+            out.append(kind)
+        if LOSSES[self.loss].needs_negatives and self.negatives < 1:
+            out.append(f"loss {self.loss!r} needs negatives >= 1")
+        if not self.storage_path:
+            out.append("storage_path must not be empty")
+        if not self.name or "/" in self.name:
+            out.append(f"name must be a non-empty folder name, got {self.name!r}")
+        return out
+
+    def train_settings(self) -> TrainSettings:
+        """What a model kind's batches and loss read."""
+        return TrainSettings(loss=self.loss, negatives=self.negatives, max_context_tokens=self.max_context_tokens,
+                             seed=self.seed)
+
+    def eval_settings(self) -> ValidationSettings:
+        """What a model kind's validation reads."""
+        return ValidationSettings(batch_size=self.eval.batch_size, ranker_candidates=self.eval.ranker_candidates,
+                            seed=self.eval.seed, max_context_tokens=self.max_context_tokens)
+
+
+def load_train_config(data: dict | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Validate a training config (dict + ``--set`` overrides); every problem in one ConfigError."""
+    return build_config(TrainConfig, data, overrides)

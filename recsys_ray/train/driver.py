@@ -1,0 +1,166 @@
+"""The training driver: checks on the driver (:func:`plan`), the ``TorchTrainer``
+(:func:`build_trainer`), and :func:`fit`, what ``jobs/train.py`` runs. Ray Tune wraps
+:func:`build_trainer` / :func:`run_trainer` for each trial, never a copy of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from recsys_ray import storage
+from recsys_ray.checkpoint import SCORE, best_checkpoint
+from recsys_ray.config import to_dict
+from recsys_ray.data import layout
+from recsys_ray.errors import ConfigError, DataError, RecsysError, one_line
+from recsys_ray.model import kinds
+from recsys_ray.model.tokenizer import load_tokenizer, vocab_digest
+from recsys_ray.runtime import init_ray, unwrap_task_error
+from recsys_ray.train.config import TrainConfig
+from recsys_ray.train.loop import StepHook, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+SUMMARY_METRICS = (SCORE, "hr@10", "mrr@10", "mrr", "protocol", "epoch", "global_step", "train_loss", "samples_per_s")
+
+
+def check_vocab(manifest: dict, tokenizer, data_dir: str) -> None:
+    """Refuse data tokenized with another vocabulary than the model's."""
+    want = manifest.get("tokenizer", {}).get("vocab_sha256")
+    have = vocab_digest(tokenizer)
+    if want != have:
+        raise DataError(
+            f"{data_dir} was tokenized with {manifest.get('tokenizer', {}).get('name')!r} "
+            f"(vocab {str(want)[:12]}), but the model's tokenizer has vocab {have[:12]}: "
+            "prepare the data again with --set tokenizer=<the model's encoder>"
+        )
+
+
+def plan(cfg: TrainConfig) -> dict:
+    """Checks that need only the driver (before any worker starts): data, manifest, tokenizer;
+    returns what the workers need to know (steps per epoch, data fingerprint, text config)."""
+    data = cfg.data
+    manifest = layout.read_manifest(data)
+    kind = kinds.kind_class(cfg.model)
+    layout.require_parts(data, (layout.ITEMS, kind.train_part, layout.split_part("valid")))
+    problem = kind.data_problem(data)
+    if problem:
+        raise DataError(problem)
+    check_vocab(manifest, load_tokenizer(cfg.model.encoder), data)
+    prepared = manifest.get("config", {}).get("negatives", cfg.negatives)
+    if kind.prepared_negatives and cfg.negatives > prepared:
+        raise ConfigError([f"negatives={cfg.negatives} but {data} was prepared with {prepared} per positive"])
+    n_train, what = kind.train_rows(manifest)
+    per_step = cfg.num_workers * cfg.batch_size * cfg.optim.grad_accum
+    spe = n_train // per_step
+    if spe < 1:
+        raise DataError(f"{data}: {n_train} {what} are fewer than one step ({per_step} = workers x batch x accum)")
+    if cfg.max_steps_per_epoch:
+        spe = min(spe, cfg.max_steps_per_epoch)
+    return {
+        "steps_per_epoch": spe,
+        "data_fingerprint": manifest["fingerprint"],
+        "text": manifest.get("text", {}),
+        "train_examples": n_train,
+    }
+
+
+def build_trainer(cfg: TrainConfig, run_plan: dict | None = None, name: str | None = None, extra_callbacks=None,
+                  step_hooks: list[StepHook] | None = None) -> TorchTrainer:
+    """The TorchTrainer for ``cfg`` (Tune calls this too, with its own run name and callbacks).
+
+    ``step_hooks``: picklable callables each worker calls after every optimizer step
+    (``hook(global_step=, rank=, resumed=)``); tests inject faults with them.
+    """
+    run_plan = run_plan or plan(cfg)
+    data = storage.absolute(cfg.data)
+    kind = kinds.kind_class(cfg.model)
+    if kind.train_part == layout.SEQUENCES:  # one row per user; several blocks so every worker gets a share
+        train = layout.read_dataset(data, kind.train_part, columns=kind.train_columns(data))
+        train = train.repartition(4 * cfg.num_workers)
+    else:
+        train = layout.read_dataset(data, kind.train_part, columns=kind.train_columns(data), shuffle="files")
+    train = train.randomize_block_order(seed=cfg.seed)
+    cpus = ray.cluster_resources().get("CPU", 0)
+    per_worker = float((cfg.resources_per_worker or {}).get("CPU", 1))
+    if cpus - cfg.num_workers * per_worker < 1:
+        # No CPU would be left for Ray Data's read tasks once the workers hold theirs (2 CPUs,
+        # 2 workers): they would wait forever. Read the split now, while the CPUs are free;
+        # the workers then stream their shards from the object store.
+        train = train.materialize()
+    resources = dict(cfg.resources_per_worker) or None
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": to_dict(cfg), "run": {**run_plan, "data": data},
+                           "step_hooks": list(step_hooks or [])},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name or cfg.name,
+            storage_path=storage.absolute(cfg.storage_path),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            callbacks=extra_callbacks,
+        ),
+        datasets={"train": train},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def _worker_error(exc: BaseException) -> str:
+    """The first line of the most useful error inside a Ray Train failure (ours if there is one)."""
+    failures = list(getattr(exc, "worker_failures", {}).values())
+    for cause in [*failures, getattr(exc, "controller_failure", None), exc]:
+        if cause is None:
+            continue
+        inner = unwrap_task_error(cause)
+        if isinstance(inner, RecsysError):
+            return one_line(inner)
+    for cause in failures:
+        lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()]
+        if lines:
+            return lines[-1].strip()
+    return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+
+
+def run_trainer(trainer: TorchTrainer, what: str = "training"):
+    """``trainer.fit()`` with worker failures turned into one-line RecsysErrors."""
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray Train raises WorkerGroupError / ControllerError
+        raise RecsysError(f"{what} failed: {_worker_error(exc)}") from exc
+    if result.error:
+        raise RecsysError(f"{what} failed: {_worker_error(result.error)}")
+    return result
+
+
+def summary(result, run_plan: dict, seconds: float) -> dict:
+    """What ``jobs/train.py`` prints: the best checkpoint and ITS validation metrics (Ray Train's
+    ``result.metrics`` is the last report, which need not be the best), and where the run ended."""
+    kept = [(c.path, m) for c, m in (result.best_checkpoints or [])]
+    best = best_checkpoint(kept)
+    best_path, best_metrics = best if best else ((result.checkpoint.path if result.checkpoint else None), {})
+    last = result.metrics or {}
+    return {
+        "run": str(result.path),
+        "best_checkpoint": best_path,
+        "metrics": {k: best_metrics.get(k) for k in SUMMARY_METRICS},
+        "final": {k: last.get(k) for k in ("epoch", "global_step", "train_loss", "samples_per_s")},
+        "steps_per_epoch": run_plan["steps_per_epoch"],
+        "seconds": round(seconds, 1),
+    }
+
+
+def fit(cfg: TrainConfig, step_hooks: list[StepHook] | None = None) -> dict:
+    """Train (or resume a run of the same name) and return the summary the job prints."""
+    run_plan = plan(cfg)
+    init_ray()
+    t0 = time.perf_counter()
+    result = run_trainer(build_trainer(cfg, run_plan, step_hooks=step_hooks))
+    return summary(result, run_plan, time.perf_counter() - t0)

@@ -1,0 +1,294 @@
+"""What runs on every Ray Train worker: :func:`train_loop_per_worker` and its pieces.
+
+One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` rows per worker. Every rank runs
+exactly ``steps_per_epoch`` steps per epoch (derived from the train part's size on the driver), so
+no rank runs short and DDP never waits on a missing all-reduce. Validation (NDCG@10, HR@10, MRR on
+the validation split) runs at the end of every epoch, then rank 0 writes a checkpoint and all ranks
+call ``ray.train.report`` with the same metrics. What differs between model kinds (batches, score
+step, loss form, validation) is the kind's (:mod:`recsys_ray.model.kinds`); this loop is shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+
+from recsys_ray.checkpoint import SCORE, UNVALIDATED_SCORE, load_train_state, write_training_checkpoint
+from recsys_ray.config import build_config, to_dict
+from recsys_ray.data import layout
+from recsys_ray.data.catalogue import Catalogue
+from recsys_ray.evaluate.metrics import DEFAULT_KS, MetricAccumulator
+from recsys_ray.model import kinds
+from recsys_ray.model.base import BertRecommender, ValidationSettings
+from recsys_ray.model.tokenizer import load_tokenizer, special_ids
+from recsys_ray.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+# Called after every optimizer step as hook(global_step=, rank=, resumed=): a picklable callable
+# handed to build_trainer (tests inject worker faults this way); none in normal runs.
+StepHook = Callable[..., None]
+
+
+class ScoreStep(nn.Module):
+    """What DDP wraps: one forward per micro-batch through the model kind's own score step, so
+    DDP sees one forward and one backward per step."""
+
+    def __init__(self, model: BertRecommender):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.model.train_scores(batch)
+
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def validate(model: BertRecommender, rows: list[dict], catalogue: Catalogue, special, device,
+             settings: ValidationSettings) -> dict:
+    """Ranks of each row's target by the model's kind -> metrics; rows are sharded over the
+    ranks of a DDP group and gathered (same protocol as evaluation: full ranking for retrievers,
+    a labelled sampled list for rankers)."""
+    rank, world = _distributed()
+    was_training = model.training
+    model.eval()
+    ranks, protocol = model.validation_ranks(rows[rank::world], catalogue, special, device, settings)
+    if world > 1:
+        gathered: list[list[int]] = [None] * world  # type: ignore[list-item]
+        torch.distributed.all_gather_object(gathered, ranks)
+        ranks = [x for part in gathered for x in part]
+    model.train(was_training)
+    res = MetricAccumulator(ks=DEFAULT_KS).update(np.asarray(ranks, dtype=np.int64)).result()
+    res["protocol"] = protocol
+    return res
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def lr_lambda(total: int, warmup: int):
+    """Linear warmup over ``warmup`` steps, then linear decay to 0 at ``total``."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+def rows_of(batch: dict) -> list[dict]:
+    """numpy batch (dict of arrays) -> list of row dicts with plain lists."""
+    names = list(batch)
+    n = len(batch[names[0]])
+    cols = {k: (v.tolist() if hasattr(v, "tolist") else list(v)) for k, v in batch.items()}
+    return [{k: cols[k][i] for k in names} for i in range(n)]
+
+
+def length_buckets(rows: list[dict], batch_size: int, rng: random.Random, key: str) -> list[list[dict]]:
+    """Split a chunk of rows into batches of similar length (less padding), in random order."""
+    rows = sorted(rows, key=lambda r: len(r[key]))
+    batches = [rows[i : i + batch_size] for i in range(0, len(rows) - batch_size + 1, batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+@dataclass
+class Worker:
+    """One rank's model, optimizer and data, set up once per (re)start."""
+
+    cfg: TrainConfig
+    run: dict  # the driver's plan: steps_per_epoch, data path, fingerprint, text config
+    rank: int
+    world: int
+    device: torch.device
+    catalogue: Catalogue
+    valid_rows: list[dict]
+    tokenizer: object
+    special: tuple[int, int, int]
+    model: BertRecommender
+    step_module: nn.Module
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]]
+    progress: dict = field(default_factory=lambda: {"global_step": 0, "epoch": 0, "step_in_epoch": 0})
+    resumed: bool = False
+
+
+def setup_worker(cfg: TrainConfig, run: dict) -> Worker:
+    """Data, model (fresh or from the checkpoint Ray Train restarts from), optimizer, scheduler."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    threads = cfg.torch_threads or int(cfg.resources_per_worker.get("CPU", 1))
+    torch.set_num_threads(max(1, threads))
+    set_seed(cfg.seed + rank)
+    device = ray.train.torch.get_device()
+
+    # small tables, read straight from the data directory (shared path or s3://) by every worker
+    catalogue = Catalogue.from_data_dir(run["data"])
+    valid_rows = layout.read_split_rows(run["data"], "valid")
+    if cfg.eval.max_users:
+        valid_rows = valid_rows[: cfg.eval.max_users]
+    tokenizer = load_tokenizer(cfg.model.encoder)
+
+    checkpoint = ray.train.get_checkpoint()
+    torch.manual_seed(cfg.seed)  # same initial head on every rank
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            model = kinds.load_model(d)
+    else:
+        model = kinds.from_config(cfg.model, tokenizer, item_tokens=catalogue.tokens)
+    model.train()
+    step_module = ray.train.torch.prepare_model(ScoreStep(model))
+    params = [p for p in model.parameters() if p.requires_grad]
+    # two groups: the pretrained encoder at lr, the new parameters (head, item embeddings) at new_lr
+    new = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
+    old = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("encoder.")]
+    groups = [g for g in ({"params": old, "lr": cfg.optim.lr},
+                          {"params": new, "lr": cfg.optim.new_lr or cfg.optim.lr}) if g["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.optim.weight_decay)
+    total = run["steps_per_epoch"] * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, int(cfg.optim.warmup_ratio * total)))
+    special = special_ids(tokenizer)
+    collate = model.collator(catalogue, special, cfg.train_settings(), tokenizer, rank)
+    w = Worker(cfg, run, rank, world, device, catalogue, valid_rows, tokenizer, special, model,
+               step_module, params, optimizer, scheduler, collate)
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            w.progress = load_train_state(d, optimizer, scheduler)
+        w.resumed = True
+        set_seed(cfg.seed + rank + 7919 * w.progress["global_step"])  # fresh, reproducible stream after resume
+        if rank == 0:
+            log.info("resumed from step %d (epoch %d)", w.progress["global_step"], w.progress["epoch"])
+    return w
+
+
+def micro_batches(w: Worker) -> Iterator[list[dict]]:
+    """Endless stream of length-bucketed micro-batches (rows) over this worker's shard."""
+    cfg = w.cfg
+    bucket_rng = random.Random(cfg.seed + w.rank)
+    shard = ray.train.get_dataset_shard("train")
+    chunk = cfg.batch_size * cfg.bucket_batches
+    while True:
+        for batch in shard.iter_batches(batch_size=chunk, batch_format="numpy",
+                                        local_shuffle_buffer_size=chunk * 4,
+                                        local_shuffle_seed=bucket_rng.randrange(1 << 30)):
+            yield from length_buckets(rows_of(batch), cfg.batch_size, bucket_rng, key=w.model.bucket_key)
+
+
+def train_step(w: Worker, stream: Iterator[list[dict]], autocast) -> tuple[list[float], int, int]:
+    """One optimizer step over ``grad_accum`` micro-batches: (their losses, rows, tokens)."""
+    cfg, accum = w.cfg, w.cfg.optim.grad_accum
+    losses, examples, tokens = [], 0, 0
+    for a in range(accum):
+        rows = next(stream)
+        cpu_batch = w.collate(rows)
+        tokens += int(cpu_batch["tokens"])  # counted on the CPU: no device sync
+        batch = {k: v.to(w.device) for k, v in cpu_batch.items()}
+        sync = a == accum - 1 or not hasattr(w.step_module, "no_sync")
+        with (contextlib.nullcontext() if sync else w.step_module.no_sync()), autocast:
+            scores, extra = w.step_module(batch)
+            loss = w.model.train_loss(cfg.loss, scores, extra, batch) / accum
+        loss.backward()
+        losses.append(float(loss.detach()) * accum)  # a sync point, once per micro-batch
+        examples += len(rows)
+    if cfg.optim.grad_clip:
+        torch.nn.utils.clip_grad_norm_(w.params, cfg.optim.grad_clip)
+    w.optimizer.step()
+    w.scheduler.step()
+    w.optimizer.zero_grad(set_to_none=True)
+    return losses, examples, tokens
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker. ``config`` = ``{"train": TrainConfig as dict, "run": {...},
+    "step_hooks": [...]}`` (see :func:`recsys_ray.train.driver.build_trainer`)."""
+    cfg = build_config(TrainConfig, config["train"])
+    hooks: list[StepHook] = list(config.get("step_hooks") or [])
+    w = setup_worker(cfg, config["run"])
+    spe, accum = w.run["steps_per_epoch"], cfg.optim.grad_accum
+    total = spe * cfg.epochs
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=torch.bfloat16) if w.device.type == "cuda" else contextlib.nullcontext()
+    )
+    stream = micro_batches(w)
+    global_step = w.progress["global_step"]
+    for epoch in range(w.progress["epoch"], cfg.epochs):
+        start_step = w.progress["step_in_epoch"] if epoch == w.progress["epoch"] else 0
+        for _ in range(start_step * accum):  # a mid-epoch resume skips what the epoch already saw
+            next(stream)
+        t0, seen_examples, seen_tokens, loss_sum = time.perf_counter(), 0, 0, 0.0
+        for step_in_epoch in range(start_step, spe):
+            losses, examples, tokens = train_step(w, stream, autocast)
+            for value in losses:  # summed one micro-batch at a time: the same float sum whatever accum
+                loss_sum += value
+            seen_examples, seen_tokens = seen_examples + examples, seen_tokens + tokens
+            global_step += 1
+            for hook in hooks:
+                hook(global_step=global_step, rank=w.rank, resumed=w.resumed)
+            if w.rank == 0 and (global_step % cfg.log_every == 0 or step_in_epoch == spe - 1):
+                dt = time.perf_counter() - t0
+                log.info(
+                    "epoch %d step %d/%d loss %.4f lr %.2e %.1f samples/s %.0f tokens/s (rank 0)",
+                    epoch, global_step, total, loss_sum / max(1, (step_in_epoch - start_step + 1) * accum),
+                    w.scheduler.get_last_lr()[0], seen_examples / dt, seen_tokens / dt,
+                )
+            if cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0 and step_in_epoch < spe - 1:
+                # not validated: reported below any validated score, so it is never kept as "best"
+                state = {"global_step": global_step, "epoch": epoch, "step_in_epoch": step_in_epoch + 1}
+                save_and_report(w, state, {"global_step": global_step, "epoch": epoch, "validated": False,
+                                           SCORE: UNVALIDATED_SCORE})
+        dt = time.perf_counter() - t0
+        metrics = validate(w.model, w.valid_rows, w.catalogue, w.special, w.device, cfg.eval_settings())
+        metrics.update({
+            "epoch": epoch + 1,
+            "global_step": global_step,
+            "validated": True,
+            "train_loss": loss_sum / max(1, (spe - start_step) * accum),
+            "samples_per_s": seen_examples * w.world / dt,
+            "tokens_per_s": seen_tokens * w.world / dt,
+        })
+        if w.rank == 0:
+            log.info("epoch %d validation: %s", epoch + 1,
+                     {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()})
+        save_and_report(w, {"global_step": global_step, "epoch": epoch + 1, "step_in_epoch": 0}, metrics)
+
+
+def save_and_report(w: Worker, state: dict, metrics: dict) -> None:
+    """Rank 0 writes the checkpoint directory; every rank reports the same metrics (a barrier)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if w.rank == 0:
+            extra = {
+                "metrics": metrics,
+                "step": state["global_step"],
+                "epoch": state["epoch"],
+                "loss": w.cfg.loss,
+                "train_config": to_dict(w.cfg),
+                "data_fingerprint": w.run["data_fingerprint"],
+                "text": w.run["text"],
+            }
+            # the catalogue travels in the checkpoint: serving needs nothing but the checkpoint
+            write_training_checkpoint(tmp, w.model, w.tokenizer, extra, w.optimizer, w.scheduler, state, w.catalogue)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)

@@ -1,0 +1,183 @@
+"""The serving benchmark's load generator and statistics, against a stub HTTP server (no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from recsys_ray.bench.serve import (
+    BENCH_ROLE,
+    CpuAccount,
+    Sample,
+    bench_serve_config,
+    closed_loop,
+    load_bench_serve_config,
+    make_checkpoints,
+    offline_single_candidate,
+    open_loop,
+    percentile,
+    poisson_arrivals,
+    ranker_batch_size,
+    request_bodies,
+    summarize,
+)
+from recsys_ray.errors import ConfigError, RecsysError
+
+
+def test_summarize_counts_rates_percentiles_and_refusals_by_hand():
+    ok = [Sample(latency_s=(i + 1) / 1000, status=200, pairs=20, batch=1 + i % 3) for i in range(100)]  # 1..100 ms
+    shed = [Sample(latency_s=0.002, status=503)] * 10
+    failed = [Sample(latency_s=5.0, status=0), Sample(latency_s=0.01, status=500)]
+    r = summarize(ok + shed + failed, window_s=4.0, dropped=3)
+    assert r["requests"] == 115 and r["ok"] == 100
+    assert r["rps"] == 25.0 and r["pairs_per_s"] == 500.0
+    # linear interpolation between closest ranks: p50 of 1..100 = 50.5, p95 = 95.05, p99 = 99.01
+    assert (r["p50_ms"], r["p95_ms"], r["p99_ms"]) == (50.5, 95.05, 99.01)
+    assert r["rate_503"] == round(10 / 115, 4) and r["p99_503_ms"] == 2.0
+    assert r["error_rate"] == round(5 / 115, 4)  # a timeout, a 500 and 3 client drops
+    assert r["mean_batch"] == round(np.mean([1 + i % 3 for i in range(100)]), 2)
+    empty = summarize([], window_s=1.0)
+    assert empty["rps"] == 0 and empty["p99_ms"] is None and empty["error_rate"] == 0.0
+    assert percentile([], 50) is None
+    with pytest.raises(ValueError):
+        summarize(ok, window_s=0)
+
+
+def test_poisson_arrivals_have_the_asked_rate_and_are_reproducible():
+    times = poisson_arrivals(rate=50.0, horizon_s=200.0, seed=3)
+    assert times == sorted(times) and 0 < times[0] and times[-1] < 200.0
+    assert abs(len(times) - 10_000) < 400  # 4 standard deviations of a Poisson count
+    gaps = np.diff(times)
+    assert abs(gaps.mean() - 0.02) < 0.001 and abs(gaps.std() - 0.02) < 0.002  # exponential: mean = std
+    assert poisson_arrivals(50.0, 10.0, seed=3) == poisson_arrivals(50.0, 10.0, seed=3)
+
+
+async def _stub_server(delay_s: float):
+    """127.0.0.1 HTTP server: 200 + X-Batch-Size 2 after delay_s; every 5th request a 503."""
+    from aiohttp import web
+
+    hits = 0
+
+    async def score(request):
+        nonlocal hits
+        hits += 1
+        await request.json()
+        if hits % 5 == 0:
+            return web.json_response({"detail": "full"}, status=503, headers={"Retry-After": "0"})
+        await asyncio.sleep(delay_s)
+        return web.json_response({"scores": [0.0]}, headers={"X-Batch-Size": "2"})
+
+    app = web.Application()
+    app.router.add_post("/v1/score", score)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    return runner, f"http://127.0.0.1:{port}/v1/score"
+
+
+def test_closed_and_open_loop_measure_what_a_stub_server_does():
+    async def run():
+        runner, url = await _stub_server(delay_s=0.02)
+        try:
+            t0 = time.perf_counter()
+            closed = await closed_loop(url, [{"x": 1}], concurrency=4, warmup_s=0.2, duration_s=1.0, pairs_per_request=3)
+            took = time.perf_counter() - t0
+            opened = await open_loop(url, [{"x": 1}], rate=40.0, warmup_s=0.2, duration_s=1.0, pairs_per_request=3, seed=0)
+        finally:
+            await runner.cleanup()
+        return closed, took, opened
+
+    closed, took, opened = asyncio.run(run())
+    assert 1.2 <= took < 3.0  # warm-up + window + the last in-flight requests
+    # 4 clients, 20 ms per 200: at most ~200 req/s; the stub's 503s come back at once
+    assert 40 < closed["rps"] <= 200 and closed["pairs_per_s"] == pytest.approx(3 * closed["rps"], rel=0.02)
+    assert closed["p50_ms"] >= 20 and closed["mean_batch"] == 2.0
+    assert 0.1 < closed["rate_503"] < 0.3 and closed["error_rate"] == 0.0
+    assert opened["offered_rps"] == 40.0 and opened["unanswered"] == 0
+    assert opened["ok"] + round(opened["rate_503"] * opened["requests"]) == opened["requests"]
+    assert 15 < opened["rps"] < 60 and opened["p50_ms"] >= 20
+
+
+def test_load_only_goes_to_localhost():
+    with pytest.raises(RecsysError, match="127.0.0.1"):
+        asyncio.run(closed_loop("http://example.com:80/v1/score", [{}], 1, 0.0, 0.1, 1))
+
+
+def test_bench_config_checks_and_the_serve_config_it_deploys(tmp_path):
+    from ray.serve.schema import ServeDeploySchema
+
+    with pytest.raises(ConfigError) as err:
+        load_bench_serve_config({"concurrency": [], "duration_s": 0, "open_loop": [-1.0]})
+    assert len(err.value.problems) == 3
+    quick = load_bench_serve_config({"quick": True})
+    assert quick.duration_s <= 6 and quick.concurrency == [1, 64]
+
+    cfg = load_bench_serve_config({})
+    ckpt = {"retriever": str(tmp_path / "r"), "ranker": str(tmp_path / "k")}
+    config = bench_serve_config(cfg, ckpt, port=12345, max_batch_size=1)
+    schema = ServeDeploySchema.model_validate(config)
+    assert schema.http_options.host == "127.0.0.1" and schema.http_options.port == 12345
+    (app,) = schema.applications
+    assert app.args["ranker_checkpoint"] == ckpt["ranker"] and app.args["rerank_top"] == cfg.rerank_top
+    deps = {d.name: d for d in app.deployments}
+    assert deps["Ranker"].user_config["max_batch_size"] == 1 and deps["Ranker"].autoscaling_config["max_replicas"] == 2
+    # the last point pins the Ranker instead of autoscaling it
+    pinned = bench_serve_config(cfg, ckpt, port=12345, fixed_replicas=2)
+    ServeDeploySchema.model_validate(pinned)
+    ranker = {d["name"]: d for d in pinned["applications"][0]["deployments"]}["Ranker"]
+    assert ranker["num_replicas"] == 2 and "autoscaling_config" not in ranker
+    assert ranker_batch_size(config) == 1 and ranker_batch_size(pinned) == 16  # local.yaml's Ranker
+
+
+def _burn(seconds: float) -> None:
+    t0 = time.process_time()
+    while time.process_time() - t0 < seconds:
+        pass
+
+
+def test_cpu_account_splits_cpu_by_process_role():
+    import subprocess
+    import sys
+
+    import psutil
+
+    # a child whose command line names the HTTP proxy's process title: classified by it
+    child = subprocess.Popen([sys.executable, "-c", "import time\n# ray::ProxyActor\nt=time.process_time()\n"
+                              "while time.process_time() - t < 0.6: pass\ntime.sleep(60)"])
+    try:
+        with CpuAccount() as acct:
+            _burn(0.4)
+            deadline = time.monotonic() + 30
+            while sum(psutil.Process(child.pid).cpu_times()[:2]) < 0.6 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.1)  # a process that ends before the second snapshot is not counted: keep it alive
+    finally:
+        child.kill()
+        child.wait()
+    cores = acct.result["cores_by_role"]
+    wall = acct.result["wall_s"]
+    assert wall >= 0.4
+    assert cores[BENCH_ROLE] * wall == pytest.approx(0.4, abs=0.15)
+    # the child ran ~0.6 s of CPU but may have used some before the first snapshot
+    assert 0.2 <= cores["HTTP proxy"] * wall <= 0.75
+    assert 0 < acct.result["machine_cores"] <= 2.5
+    ms = acct.per_request_ms(10.0)
+    assert ms[BENCH_ROLE] == pytest.approx(cores[BENCH_ROLE] * 100, abs=0.1)
+    assert acct.per_request_ms(0) == {}
+
+
+def test_offline_single_candidate_times_one_request_per_call_vs_batched(syn_data, tmp_path):
+    cfg = load_bench_serve_config({"data": syn_data, "model": "tiny"})
+    ckpt = make_checkpoints(cfg, tmp_path)
+    from recsys_ray.data.catalogue import Catalogue
+
+    bodies = request_bodies(syn_data, Catalogue.load(ckpt["retriever"]).ids, candidates=3, seed=0)
+    out = offline_single_candidate(ckpt, bodies, batch=4, device="cpu", requests=16)
+    assert out["requests"] == min(16, len(bodies)) and out["batch"] == 4 and out["torch_threads"] == 1
+    assert out["one_per_pass_pairs_per_s"] > 0 and out["batched_pairs_per_s"] > 0
+    assert out["ratio"] == pytest.approx(out["batched_pairs_per_s"] / out["one_per_pass_pairs_per_s"], rel=0.01)

@@ -1,0 +1,213 @@
+"""The preparation job end to end on the session's local Ray."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from recsys_ray.config import build_config
+from recsys_ray.data.config import DataConfig
+from recsys_ray.data.layout import read_split
+from recsys_ray.data.pipeline import prepare
+from recsys_ray.errors import DataError
+
+ITEMS = "item_id,title,genre\ni1,Alpha,drama\ni2,Beta,comedy\ni3,Gamma,drama\ni4,Delta,horror\ni5,Epsilon,comedy\n"
+# u1: 4 good events (two tied at t=30: i3 came first in the file); u2: 3 good; u3: 2 good (train only)
+LOG = """user_id,item_id,timestamp,rating
+u1,i1,10,5
+u2,i2,5,3
+u1,i3,30,4
+u1,i2,30,4
+u2,i9,6,1
+u3,i1,1,2
+u1,i4,50,1
+,i1,7,1
+u2,i4,7,2
+u2,i5,9,2
+u3,i2,2,5
+u3,i3,notatime,1
+u1,i5,60,x
+"""
+
+
+def _cfg(tmp_path, **extra):
+    data = {
+        "dataset": str(tmp_path / "log.csv"),
+        "items": str(tmp_path / "items.csv"),
+        "output": str(tmp_path / "out"),
+        "columns": {"value": "rating"},
+        "negatives": 2,
+        "max_history": 3,
+    }
+    data.update(extra)
+    return build_config(DataConfig, data)
+
+
+@pytest.fixture
+def small_log(tmp_path):
+    (tmp_path / "items.csv").write_text(ITEMS)
+    (tmp_path / "log.csv").write_text(LOG)
+    (tmp_path / "users.csv").write_text("user_id,age,city\nu1,30,Paris\nu2,41,Lyon\nu1,99,Dup\n")
+    return tmp_path
+
+
+def test_small_log_counts_reconcile_and_split_is_right(ray_session, small_log):
+    m = prepare(_cfg(small_log, users=str(small_log / "users.csv")))
+    c = m["counts"]
+    assert c["rows_read"] == 13 == c["events_accepted"] + c["events_rejected"]
+    assert c["events_rejected"] == 4
+    assert c["rejects_by_reason"] == {"unknown_item": 1, "missing_user_id": 1, "bad_timestamp": 1, "bad_value": 1}
+    rejects = pads.dataset(str(small_log / "out" / "rejects")).to_table().to_pylist()
+    by_row = {r["source_row"]: r for r in rejects}
+    assert set(by_row) == {4, 7, 11, 12}  # 0-based data rows of the csv
+    assert by_row[4]["reason"] == "unknown_item" and json.loads(by_row[4]["raw"])["item_id"] == "i9"
+    assert all(r["source_file"].endswith("log.csv") for r in rejects)
+
+    assert c["users"] == 3 and c["users_split"] == 2 and c["users_train_only"] == 1
+    assert c["events_by_split"] == {"train": 2 + 1 + 2, "valid": 2, "test": 2}
+    test = {r["user_id"]: r for r in read_split(small_log / "out", "test").to_pylist()}
+    valid = {r["user_id"]: r for r in read_split(small_log / "out", "valid").to_pylist()}
+    assert (test["u1"]["target_item_id"], valid["u1"]["target_item_id"]) == ("i4", "i2")  # tie kept in file order
+    assert test["u1"]["seen_item_ids"] == ["i1", "i3", "i2"]
+    assert (test["u2"]["target_item_id"], valid["u2"]["target_item_id"]) == ("i5", "i4")
+    assert "u3" not in test  # fewer than 3 events: train only
+    assert test["u1"]["context_text"].startswith("age: 30 | city: Paris | history: Beta | genre: comedy ; Gamma")
+    train = read_split(small_log / "out", "train").to_pylist()
+    assert sorted((r["user_id"], r["target_item_id"]) for r in train) == [("u1", "i3"), ("u3", "i2")]
+    for r in train:  # negatives are never items of that user
+        user_items = {"u1": {"i1", "i2", "i3", "i4"}, "u3": {"i1", "i2"}}[r["user_id"]]
+        # 5 catalogue items: u1 has 4 (its i5 event was rejected), so only i5 is left for it
+        assert len(r["negative_item_ids"]) == min(2, 5 - len(user_items))
+        assert not set(r["negative_item_ids"]) & user_items
+    assert c["users_with_profile"] == 2
+    assert m["tokenizer"]["vocab_size"] == 30522
+    on_disk = json.loads((small_log / "out" / "manifest.json").read_text())
+    assert on_disk["fingerprint"] == m["fingerprint"]
+
+
+def test_same_log_as_jsonl_and_parquet_gives_the_same_examples(ray_session, small_log):
+    prepare(_cfg(small_log))
+    base = read_split(small_log / "out", "test").sort_by("user_id")
+    rows = [dict(zip(LOG.splitlines()[0].split(","), line.split(","), strict=True)) for line in LOG.splitlines()[1:]]
+    (small_log / "log.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    prepare(_cfg(small_log, dataset=str(small_log / "log.jsonl"), output=str(small_log / "o2")))
+    assert read_split(small_log / "o2", "test").sort_by("user_id").drop_columns([]).equals(base)
+    (small_log / "pq").mkdir()
+    half = len(rows) // 2  # two files: source order continues across them
+    pq.write_table(pa.Table.from_pylist(rows[:half]), small_log / "pq" / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[half:]), small_log / "pq" / "b.parquet")
+    m = prepare(_cfg(small_log, dataset=str(small_log / "pq"), output=str(small_log / "o3")))
+    assert m["counts"]["rows_read"] == 13
+    assert read_split(small_log / "o3", "test").sort_by("user_id").equals(base)
+
+
+def test_rerun_into_the_same_output_replaces_it(ray_session, small_log):
+    first = prepare(_cfg(small_log))
+    second = prepare(_cfg(small_log))
+    assert first["fingerprint"] == second["fingerprint"]
+    assert read_split(small_log / "out", "test").num_rows == 2  # not appended twice
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"dataset": "MISSING/log.csv"}, "input not found"),
+        ({"items": "MISSING/items.csv"}, "input not found"),
+        ({"items": None}, "an item catalogue file is required"),
+        ({"columns": {"timestamp": "ts"}}, "missing required column 'ts'"),
+        ({"columns": {"value": "score"}}, "missing mapped column 'score'"),
+        ({"dataset": "EMPTY"}, "empty input: 0 events"),
+        ({"dataset": "ALLBAD"}, "every one of the 1 events"),
+        ({"items": "DUPITEMS"}, "duplicate item_id 'i1' at rows 0 and 1"),
+        ({"users": "BADUSERS"}, "missing column 'user_id'"),
+    ],
+)
+def test_bad_input_fails_with_one_clear_line(ray_session, small_log, change, message):
+    (small_log / "empty.csv").write_text("user_id,item_id,timestamp,rating\n")
+    (small_log / "allbad.csv").write_text("user_id,item_id,timestamp,rating\nu1,zz,1,1\n")
+    (small_log / "dup.csv").write_text("item_id,title\ni1,a\ni1,b\n")
+    (small_log / "badusers.csv").write_text("uid,age\n1,2\n")
+    names = {"EMPTY": "empty.csv", "ALLBAD": "allbad.csv", "DUPITEMS": "dup.csv", "BADUSERS": "badusers.csv"}
+    fixed = {}
+    for k, v in change.items():
+        if isinstance(v, str):
+            v = str(small_log / names[v]) if v in names else v.replace("MISSING", str(small_log / "missing"))
+        fixed[k] = v
+    with pytest.raises(DataError, match=message) as info:
+        prepare(_cfg(small_log, **fixed))
+    assert "\n" not in str(info.value)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A moto S3 server on 127.0.0.1 (never a real cloud)."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
+    }.items():
+        monkeypatch.setenv(key, value)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_logs_and_catalogue_read_from_s3(ray_session, small_log, s3_server):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="logs")
+    s3.upload_file(str(small_log / "log.csv"), "logs", "day=1/log.csv")
+    s3.upload_file(str(small_log / "items.csv"), "logs", "catalogue/items.csv")
+    m = prepare(_cfg(small_log, dataset="s3://logs/day=1/", items="s3://logs/catalogue/items.csv"))
+    assert m["counts"]["rows_read"] == 13 and m["counts"]["events_rejected"] == 4
+    rejects = pads.dataset(str(small_log / "out" / "rejects")).to_table()
+    assert rejects["source_file"][0].as_py() == "s3://logs/day=1/log.csv"
+    with pytest.raises(DataError, match="input not found: s3://logs/nope/"):
+        prepare(_cfg(small_log, dataset="s3://logs/nope/", items="s3://logs/catalogue/items.csv"))
+
+
+def test_synthetic_dataset_prepares(ray_session, tmp_path):
+    cfg = build_config(
+        DataConfig,
+        {"dataset": "synthetic", "output": str(tmp_path / "syn"), "negative_sampling": "popularity"},
+        ["synthetic.num_users=50", "synthetic.num_items=60", "synthetic.num_events=600"],
+    )
+    m = prepare(cfg)
+    c = m["counts"]
+    assert c["rows_read"] == 600 and c["events_rejected"] == 0 and c["users"] == 50 and c["items"] == 60
+    assert c["examples_by_split"]["test"] == c["users_split"] == 50
+    assert c["examples_by_split"]["train"] == 600 - 3 * 50  # every event but valid, test and the first
+
+
+@pytest.mark.slow
+def test_movielens_100k_summary(ray_session, tmp_path, recbole_wheel):
+    cfg = build_config(DataConfig, {"dataset": "movielens-100k", "output": str(tmp_path / "ml"), "cache_dir": str(recbole_wheel.parent)})
+    c = prepare(cfg)["counts"]
+    assert (c["rows_read"], c["events_accepted"], c["events_rejected"]) == (100_000, 100_000, 0)
+    assert (c["users"], c["items"], c["events_by_split"]["test"]) == (943, 1682, 943)
+    assert c["examples_by_split"] == {"train": 100_000 - 3 * 943, "valid": 943, "test": 943}

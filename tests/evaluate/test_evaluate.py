@@ -1,0 +1,224 @@
+"""Offline evaluation: the predictor, the Ray Data ranking UDF, baselines on a hand-made log, the report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from recsys_ray.checkpoint import resolve
+from recsys_ray.data.catalogue import Catalogue
+from recsys_ray.data.layout import read_manifest
+from recsys_ray.errors import ConfigError, RecsysError, UnknownItems
+from recsys_ray.evaluate.baselines import baseline_ranks
+from recsys_ray.evaluate.evaluate import EvalSettings, RankUDF, evaluate, merge_results, metrics_of
+from recsys_ray.model.config import ModelConfig
+from recsys_ray.model.kinds import from_config
+from recsys_ray.predict import Predictor, PredictorConfig
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+def _save_tiny(data: str, path: Path, kind: str, tokenizer, seed: int = 0) -> str:
+    torch.manual_seed(seed)
+    model = from_config(ModelConfig(kind=kind, tiny=TINY, dropout=0.0, temperature=0.1), tokenizer)
+    extra = {"text": read_manifest(data)["text"], "train_config": {"max_context_tokens": 64}}
+    model.save(path, extra=extra)
+    Catalogue.from_data_dir(data).save(path / "items.parquet")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(syn_data, tokenizer, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {
+        "retriever": _save_tiny(syn_data, root / "retriever", "retriever", tokenizer),
+        "retriever2": _save_tiny(syn_data, root / "retriever2", "retriever", tokenizer, seed=1),
+        "ranker": _save_tiny(syn_data, root / "ranker", "ranker", tokenizer),
+    }
+
+
+# --- the UDF's ranking, with scores we control ---------------------------------------------------
+
+
+class _FakePredictor:
+    """Stands in for Predictor inside RankUDF: scores are given, not computed."""
+
+    def __init__(self, items: Catalogue, scores: np.ndarray):
+        self.items, self._scores = items, scores
+        self.retriever, self.ranker = object(), None
+
+    def retrieval_scores(self, contexts, with_prior=True):
+        return self._scores[: len(contexts)]
+
+    def example_contexts(self, batch, kind=None):
+        return [list(c) for c in batch["context_ids"]]
+
+
+def _udf_with(items: Catalogue, scores: np.ndarray) -> RankUDF:
+    udf = RankUDF.__new__(RankUDF)
+    udf.p, udf.betas, udf.rerank_beta, udf.sampled, udf.seed = _FakePredictor(items, scores), [0.0], None, 0, 0
+    udf.prior = np.zeros(len(items), np.float32)
+    return udf
+
+
+def _catalogue(n: int) -> Catalogue:
+    return Catalogue(pa.table({"item_id": [str(i) for i in range(n)], "input_ids": [[1000 + i] for i in range(n)]}))
+
+
+def test_an_oracle_model_gets_ndcg_1_and_seen_items_never_count():
+    items = _catalogue(6)
+    # the seen items "0" and "1" score highest; the target is the best *unseen* item
+    scores = np.array([[9.0, 8.0, 1.0, 7.0, 0.5, 0.0], [9.0, 1.0, 8.0, 0.0, 0.0, 7.0]])
+    batch = {"user_id": np.array(["u1", "u2"]), "target_item_id": ["3", "5"],
+             "seen_item_ids": [["0", "1"], ["0", "2"]], "context_ids": [[1], [2]]}
+    out = _udf_with(items, scores)(batch)
+    assert out["rank_b0"].tolist() == [0, 0]
+    m = metrics_of(out["rank_b0"])
+    assert m["ndcg@10"] == 1.0 and m["hr@5"] == 1.0 and m["mrr"] == 1.0
+
+
+def test_ranks_are_pessimistic_and_a_repeated_target_is_not_masked():
+    items = _catalogue(4)
+    scores = np.array([[2.0, 2.0, 2.0, 5.0]])  # target "0" tied with "1" and "2"
+    batch = {"user_id": np.array(["u"]), "target_item_id": ["0"], "seen_item_ids": [["0", "3"]], "context_ids": [[1]]}
+    # "0" is in the history too (a repeat): still the target; "3" is masked; ties count against it
+    assert _udf_with(items, scores)(batch)["rank_b0"].tolist() == [2]
+
+
+# --- baselines on a hand-made log ----------------------------------------------------------------
+
+
+def _hand_made_data(root: Path) -> str:
+    """items a..e; 4 users with ordered histories: train = all but the last two, valid, test."""
+    (root / "items").mkdir(parents=True)
+    (root / "sequences").mkdir()
+    pq.write_table(pa.table({"item_id": list("abcde"), "text": list("abcde"), "input_ids": [[1]] * 5}),
+                   root / "items" / "items.parquet")
+    seqs = {"u1": list("abcd"), "u2": list("abce"), "u3": list("bcae"), "u4": list("cebad")}
+    pq.write_table(pa.table({
+        "user_id": list(seqs), "item_ids": list(seqs.values()),
+        "n_train": [2, 2, 2, 3],
+    }), root / "sequences" / "part-0.parquet")
+    (root / "manifest.json").write_text(json.dumps({"counts": {"items": 5}, "text": {}}))
+    return str(root)
+
+
+def test_popularity_and_ease_rank_a_hand_made_log_as_computed_by_hand(tmp_path):
+    data = _hand_made_data(tmp_path)
+    out = baseline_ranks(data)
+    assert out["_users"]["ids"] == ["u1", "u2", "u3", "u4"]
+    # popularity over everything before each test event: a:4, b:4, c:4, e:1 (u4), d:0
+    # u1 (history a,b,c; target d): unseen d(0), e(1) -> rank 1
+    # u2 (a,b,c; target e): unseen d(0), e(1) -> rank 0;  u3 (b,c,a; target e): rank 0
+    # u4 (c,e,b,a; target d): d is the only unseen item -> rank 0
+    assert out["popularity"]["ranks"].tolist() == [1, 0, 0, 0]
+    # EASE: ranks are valid positions among the two unseen items, l2 chosen from the candidates
+    assert set(out["EASE"]["ranks"].tolist()) <= {0, 1}
+    assert out["EASE"]["params"]["l2"] > 0
+
+
+# --- the predictor -------------------------------------------------------------------------------
+
+
+def test_predictor_context_ids_match_the_pipeline(syn_data, tiny_models):
+    import pyarrow.dataset as pads
+
+    p = Predictor(PredictorConfig(retriever=tiny_models["retriever"]))
+    seqs = {r["user_id"]: r for r in pads.dataset(f"{syn_data}/sequences").to_table().to_pylist()}
+    rows = pads.dataset(f"{syn_data}/examples/split=test").to_table().slice(0, 20).to_pylist()
+    assert p.max_context_tokens == 64  # what the checkpoint trained with, not the data's 256
+    for r in rows:
+        history = seqs[r["user_id"]]["item_ids"][: r["position"]]  # oldest first, as logged
+        ptext = r["context_text"].split(" | history:")[0] if " | history:" in r["context_text"] else None
+        assert p.context_ids(history, ptext) == list(r["context_ids"])[:64]
+
+
+def test_predictor_recommend_never_returns_history_and_names_unknown_items(tiny_models):
+    p = Predictor(PredictorConfig(retriever=tiny_models["retriever"], ranker=tiny_models["ranker"], rerank_top=10))
+    history = p.items.ids[:7]
+    ctx = p.context_ids(history)
+    rows, scores = p.recommend([ctx], k=5, exclude=[p.items.rows(history)])[0]
+    assert len(rows) == 5 and not set(rows.tolist()) & set(p.items.rows(history))
+    assert np.all(np.diff(scores) <= 0)  # best first
+    with pytest.raises(UnknownItems, match="'nope'"):
+        p.context_ids(["nope", history[0]])
+    # the ranker's scores of a candidate list do not depend on what else is in the batch
+    cands = [p.items.tokens[i] for i in range(6)]
+    alone = p.score(ctx, cands[:2])
+    together = p.score_many([ctx, p.context_ids(history[:2])], [cands, cands[2:]])[0][:2]
+    assert np.allclose(alone, together, atol=1e-5)
+
+
+def test_predictor_refuses_a_checkpoint_of_the_wrong_kind(tiny_models):
+    with pytest.raises(RecsysError, match="is a ranker checkpoint, expected a retriever"):
+        Predictor(PredictorConfig(retriever=tiny_models["ranker"]))
+    with pytest.raises(RecsysError, match="not found"):
+        Predictor(PredictorConfig(retriever="/nonexistent/ckpt"))
+
+
+# --- the job end to end --------------------------------------------------------------------------
+
+
+def test_evaluate_writes_metrics_report_and_plots_for_every_model(ray_session, syn_data, tiny_models, tmp_path):
+    out = tmp_path / "eval"
+    settings = EvalSettings(data=syn_data, checkpoints=[tiny_models["retriever"], tiny_models["retriever2"]],
+                            rankers=[tiny_models["ranker"]], output=str(out), rerank_top=10, sampled=True,
+                            max_users=40, batch_size=16, actors=1)
+    res = evaluate(settings)
+    result = res["result"]
+    names = set(result["models"])
+    assert {"popularity", "EASE", "retriever", "retriever+prior", "two-stage",
+            "retriever (sampled)", "ranker (sampled)"} <= names
+    assert result["models"]["retriever"]["seeds"] == 2
+    assert result["models"]["retriever (sampled)"]["protocol"] == "sampled_1+99"
+    report = (out / "report.md").read_text()
+    for name in names:
+        assert f"| {name} |" in report
+    for png in ("ndcg_at_k.png", "hr_at_k.png", "headline.png"):
+        assert (out / png).stat().st_size > 5000
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["num_users"] == 40
+    # a retrieval miss stays a miss: two-stage HR@N can never beat the retriever's recall@N
+    recall = result["models"]["two-stage"]["retriever_recall@N"]["mean"]
+    assert result["models"]["two-stage"]["mean"]["hr@10"] <= recall + 1e-9
+    # separate runs (one job per seed) merge into one report: model rows add up, baselines stay once
+    merged = merge_results([str(out / "metrics.json")] * 2, str(tmp_path / "merged"))["result"]
+    assert merged["models"]["retriever"]["seeds"] == 4 and merged["models"]["EASE"]["seeds"] == 1
+    assert merged["models"]["retriever"]["mean"]["ndcg@10"] == pytest.approx(result["models"]["retriever"]["mean"]["ndcg@10"])
+    assert "| two-stage |" in (tmp_path / "merged" / "report.md").read_text()
+
+
+def test_evaluate_refuses_bad_settings_before_ray_starts(syn_data, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        evaluate(EvalSettings(data=str(tmp_path), checkpoints=[str(tmp_path / "missing")], rerank_top=0))
+    text = str(err.value)
+    assert "checkpoint not found" in text and "not a prepared data directory" in text and "rerank_top" in text
+
+
+def test_resolve_checkpoint_picks_the_best_of_a_run(tmp_path):
+    run = tmp_path / "run"
+    for name in ("checkpoint_a", "checkpoint_b"):
+        (run / name).mkdir(parents=True)
+        (run / name / "model.safetensors").write_bytes(b"x")
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps({"checkpoint_results": [
+        {"version": 0, "checkpoint_dir_name": "checkpoint_a", "metrics": {"ndcg@10": 0.3}},
+        {"version": 0, "checkpoint_dir_name": "checkpoint_b", "metrics": {"ndcg@10": 0.2}},
+    ]}))
+    assert resolve(str(run)) == str(run / "checkpoint_a")
+    assert resolve(str(run / "checkpoint_b")) == str(run / "checkpoint_b")
+
+
+def test_the_job_prints_one_json_line_or_one_error_line(tmp_path):
+    res = subprocess.run([sys.executable, str(REPO / "jobs" / "evaluate.py"), "--data", str(tmp_path),
+                          "--checkpoint", str(tmp_path / "nope")], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].startswith("error: ")

@@ -1,0 +1,228 @@
+"""Training: in-process pieces (losses, freezes, collation) and real Ray Train runs (2 workers)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+import ray
+import torch
+import yaml
+
+from recsys_ray.checkpoint import UNVALIDATED_SCORE, resolve
+from recsys_ray.data.catalogue import Catalogue
+from recsys_ray.data.layout import read_split_rows
+from recsys_ray.errors import ConfigError, DataError, RecsysError
+from recsys_ray.model.base import TrainSettings
+from recsys_ray.model.config import ModelConfig
+from recsys_ray.model.kinds import from_config, load_model
+from recsys_ray.model.tokenizer import load_tokenizer, special_ids
+from recsys_ray.train.config import load_train_config
+from recsys_ray.train.driver import fit, plan
+from recsys_ray.train.loop import ScoreStep, validate
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+def _cfg(data: str, tmp: Path, **over) -> object:
+    base = {
+        "data": data,
+        "model": {"kind": "retriever", "tiny": TINY, "dropout": 0.0, "temperature": 0.1},
+        "loss": "softmax",
+        "batch_size": 16,
+        "epochs": 2,
+        "max_steps_per_epoch": 12,
+        "optim": {"lr": 0.003, "warmup_ratio": 0.0},
+        "num_workers": 2,
+        "storage_path": str(tmp / "runs"),
+        "name": "t",
+        "log_every": 5,
+    }
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            base[k] = {**base[k], **v}
+        else:
+            base[k] = v
+    return load_train_config(base)
+
+
+# ---------------------------------------------------------------------------------------------
+# in-process: every loss and freeze strategy trains
+
+
+def _train_in_process(data: str, kind: str, loss_name: str, freeze: str, steps: int = 40) -> tuple[float, float, dict]:
+    torch.manual_seed(0)
+    tok = load_tokenizer("default")
+    model = from_config(ModelConfig(kind=kind, tiny=TINY, dropout=0.0, temperature=0.1, freeze=freeze), tok)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    items = Catalogue.from_data_dir(data)
+    rows = pads.dataset(f"{data}/examples/split=train").to_table().slice(0, 32).to_pylist()
+    collate = model.collator(items, special_ids(tok), TrainSettings(loss_name, 4, 48, 0), tok, rank=0)
+    batch = collate(rows)
+    step = ScoreStep(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    losses_seen = []
+    for _ in range(steps):
+        own, inbatch = step(batch)
+        loss = model.train_loss(loss_name, own, inbatch, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses_seen.append(float(loss.detach()))
+    after = dict(model.named_parameters())
+    moved = {n: not torch.equal(before[n], after[n]) for n in before}
+    return losses_seen[0], losses_seen[-1], moved
+
+
+@pytest.mark.parametrize("loss", ["bce", "softmax", "bpr", "lambdarank"])
+@pytest.mark.parametrize("kind", ["ranker", "retriever"])
+def test_each_loss_lowers_the_loss_on_a_fixed_batch(syn_data, kind, loss):
+    first, last, _ = _train_in_process(syn_data, kind, loss, "none")
+    assert last < 0.8 * first, (first, last)
+
+
+@pytest.mark.parametrize("freeze", ["embeddings", "bottom:1", "encoder", "lora:4"])
+def test_each_freeze_strategy_trains_only_what_it_should(syn_data, freeze):
+    first, last, moved = _train_in_process(syn_data, "retriever", "softmax", freeze, steps=25)
+    assert last < first
+    if freeze == "embeddings":
+        assert not any(m for n, m in moved.items() if ".embeddings." in n)
+    if freeze == "bottom:1":
+        assert not any(m for n, m in moved.items() if ".layer.0." in n or ".embeddings." in n)
+        assert any(m for n, m in moved.items() if ".layer.1." in n)
+    if freeze == "encoder":
+        assert not any(m for n, m in moved.items() if n.startswith("encoder."))
+        assert moved["head.weight"]
+    if freeze == "lora:4":
+        assert any(m for n, m in moved.items() if "lora_" in n)
+        assert not any(m for n, m in moved.items() if n.startswith("encoder.") and "lora_" not in n)
+
+
+# ---------------------------------------------------------------------------------------------
+# config and data checks happen before Ray starts
+
+
+def test_every_shipped_preset_validates():
+    from recsys_ray.tune.config import load_sweep_file
+
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        if path.stem.startswith("tune-"):  # sweep configs: a `train:` base plus a `tune:` section
+            assert load_sweep_file(path).tune.name == path.stem
+            continue
+        cfg = load_train_config(yaml.safe_load(path.read_text()))
+        assert cfg.name == path.stem
+
+
+def test_bad_config_lists_every_problem_before_ray_starts(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss: hinge\nbatch_size: 0\nmodel: {freeze: 'bottom:x'}\nlearning_rate: 1\n")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "train.py"), "--config", str(bad)],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: invalid config:")
+    for part in ("learning_rate: unknown key", "loss: expected one of"):
+        assert part in line
+    assert "Started a local Ray instance" not in proc.stderr
+    with pytest.raises(ConfigError) as info:
+        load_train_config({"batch_size": 0, "epochs": 0, "model": {"freeze": "bottom:x"}})
+    assert len(info.value.problems) == 3
+
+
+def test_data_from_another_tokenizer_is_refused(syn_data, tmp_path):
+    from transformers import BertTokenizerFast
+
+    vocab = tmp_path / "tok" / "vocab.txt"
+    vocab.parent.mkdir()
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(str(vocab.parent))
+    (vocab.parent / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    cfg = _cfg(syn_data, tmp_path, model={"encoder": str(vocab.parent)})
+    with pytest.raises(DataError, match="was tokenized with 'default'"):
+        plan(cfg)
+    with pytest.raises(DataError, match="no manifest.json"):
+        plan(_cfg(str(tmp_path), tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Train runs
+
+
+def test_two_worker_run_learns_and_its_checkpoint_reloads_to_the_reported_scores(syn_data, tmp_path):
+    cfg = _cfg(syn_data, tmp_path, epochs=3, max_steps_per_epoch=30, optim={"lr": 0.005})
+    res = fit(cfg)
+    m = res["metrics"]  # the best checkpoint's validation metrics, not the last report's
+    assert res["final"]["global_step"] == 3 * res["steps_per_epoch"] == 90
+    assert m["global_step"] == 30 * m["epoch"]
+    # a planted structure: the tiny model beats random ranking of the ~140 unseen items (~0.07)
+    assert m["hr@10"] > 10 / 150, m
+    assert m["train_loss"] < math.log(16 + 16 * 4)  # below the loss of uniform scores
+    ckpt = Path(res["best_checkpoint"])
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "train_state.safetensors").is_file()
+    meta = json.loads((ckpt / "recsys_ray.json").read_text())
+    assert m["ndcg@10"] == meta["extra"]["metrics"]["ndcg@10"]
+    kept = [json.loads((c / "recsys_ray.json").read_text())["extra"]["metrics"] for c in Path(res["run"]).glob("checkpoint_*") if c.is_dir()]
+    assert m["ndcg@10"] == max(k["ndcg@10"] for k in kept)
+    assert meta["extra"]["data_fingerprint"] == json.loads((Path(syn_data) / "manifest.json").read_text())["fingerprint"]
+    model = load_model(ckpt, map_location="cpu")
+    tok = model.tokenizer
+    again = validate(model, read_split_rows(syn_data, "valid"), Catalogue.from_data_dir(syn_data), special_ids(tok), torch.device("cpu"), cfg.eval_settings())
+    assert again["ndcg@10"] == pytest.approx(meta["extra"]["metrics"]["ndcg@10"], abs=1e-9)
+    assert not any(p.name.endswith(".pkl") or p.name.endswith(".pt") for p in ckpt.iterdir())
+    # and the same architecture untrained ranks far worse
+    torch.manual_seed(0)
+    fresh = from_config(cfg.model, tok)
+    untrained = validate(fresh, read_split_rows(syn_data, "valid"), Catalogue.from_data_dir(syn_data), special_ids(tok), torch.device("cpu"), cfg.eval_settings())
+    print("hr@10 trained", m["hr@10"], "untrained", untrained["hr@10"])
+    # measured alone: 0.135 vs 0.085; after the serving tests in one session it once reached only
+    # 0.09 (same code, same seed: data order over the streaming split differs) - see the issue note
+    assert m["ndcg@10"] > untrained["ndcg@10"] and m["hr@10"] > untrained["hr@10"], (m, untrained)
+
+
+class FailOnce:
+    """A step hook: rank 0 raises at ``step`` of a run that did not resume (a worker fault)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def __call__(self, global_step: int, rank: int, resumed: bool) -> None:
+        if global_step == self.step and rank == 0 and not resumed:
+            raise RuntimeError(f"injected failure at step {global_step}")
+
+
+# the hook travels to the Train workers by value: they cannot import this test module
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def test_a_failed_run_resumes_from_its_checkpoint_and_ends_at_the_same_step(syn_data, tmp_path):
+    # fault tolerance inside one run: rank 0 dies after the first checkpoint, Ray Train restarts;
+    # mid-epoch checkpoints every 5 steps are reported unvalidated (lowest score), never "best"
+    cfg = _cfg(syn_data, tmp_path, epochs=2, max_steps_per_epoch=10, max_failures=1, name="ft",
+               checkpoint_every_steps=5, keep_checkpoints=4)
+    res = fit(cfg, step_hooks=[FailOnce(14)])
+    assert res["final"]["global_step"] == 20 and res["final"]["epoch"] == 2
+    snapshot = json.loads((Path(res["run"]) / "checkpoint_manager_snapshot.json").read_text())
+    steps = {r["metrics"]["global_step"]: r["metrics"] for r in snapshot["checkpoint_results"]}
+    assert sorted(steps) == [5, 10, 15, 20]
+    assert all(steps[s]["ndcg@10"] == UNVALIDATED_SCORE and steps[s]["validated"] is False for s in (5, 15))
+    assert res["metrics"]["global_step"] in (10, 20) and res["metrics"]["ndcg@10"] > 0
+    assert resolve(res["run"]) == res["best_checkpoint"]
+    # a new job with the same name continues from the latest checkpoint instead of step 0
+    cfg2 = _cfg(syn_data, tmp_path, epochs=3, max_steps_per_epoch=10, name="ft")
+    res2 = fit(cfg2)
+    assert res2["final"]["global_step"] == 30 and res2["final"]["epoch"] == 3
+    # a corrupt checkpoint on resume is a clear error
+    latest = max((p for p in Path(res2["run"]).glob("checkpoint_*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    (latest / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(RecsysError, match="unreadable safetensors"):
+        fit(_cfg(syn_data, tmp_path, epochs=4, max_steps_per_epoch=10, name="ft"))
