@@ -62,6 +62,16 @@ def range_problems(obj: Any, prefix: str = "") -> list[str]:
     return out
 
 
+def location_problems(storage_path: str, name: str, prefix: str = "") -> list[str]:
+    """A run's ``storage_path`` and ``name`` (one folder under it; the same name resumes)."""
+    out = []
+    if not storage_path:
+        out.append(f"{prefix}storage_path must not be empty")
+    if not name or "/" in name:
+        out.append(f"{prefix}name must be a non-empty folder name, got {name!r}")
+    return out
+
+
 def value_problems(obj: Any, prefix: str = "") -> list[str]:
     """Range rules and ``problems()`` of ``obj`` and of every nested config, in field order."""
     out = range_problems(obj, prefix)

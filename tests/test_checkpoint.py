@@ -16,7 +16,11 @@ from torch import nn
 from recsys_ray.checkpoint import (
     STATE_JSON,
     STATE_TENSORS,
+    UNVALIDATED_SCORE,
+    best_checkpoint,
+    latest_result,
     load_train_state,
+    resolve,
     save_train_state,
 )
 from recsys_ray.errors import RecsysError
@@ -277,3 +281,38 @@ def test_scheduler_asked_for_but_not_saved_raises(tmp_path):
     opt = _sgd(_model(0))
     with pytest.raises(RecsysError, match="no scheduler state"):
         load_train_state(tmp_path, opt, _scheduler(opt))
+
+
+# ---------------------------------------------------------------------------------------------
+# which checkpoint a run means
+
+
+def _run(tmp_path, results: list[tuple[str, dict]], latest: str | None = None):
+    run = tmp_path / "run"
+    for name, _ in results:
+        (run / name).mkdir(parents=True, exist_ok=True)
+        (run / name / "model.safetensors").write_bytes(b"x")
+    doc = {"checkpoint_results": [{"version": 0, "checkpoint_dir_name": n, "metrics": m} for n, m in results]}
+    if latest:
+        doc["latest_checkpoint_result"] = {"checkpoint_dir_name": latest, "metrics": dict(results)[latest]}
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(doc))
+    return run
+
+
+def test_best_checkpoint_ties_go_to_the_later_report_and_unvalidated_ones_lose(tmp_path):
+    # Ray's list: worst first, equal scores in report order (its `version` field is always 0)
+    results = [("checkpoint_mid", {"ndcg@10": UNVALIDATED_SCORE, "validated": False, "global_step": 15}),
+               ("checkpoint_e1", {"ndcg@10": 0.25, "global_step": 10}),
+               ("checkpoint_e2", {"ndcg@10": 0.25, "global_step": 20}),
+               ("checkpoint_none", {"ndcg@10": None, "global_step": 25})]  # JSON null: not a score
+    assert best_checkpoint(results)[0] == "checkpoint_e2"
+    assert best_checkpoint(results[:1])[0] == "checkpoint_mid"
+    run = _run(tmp_path, results, latest="checkpoint_none")
+    assert resolve(str(run)) == str(run / "checkpoint_e2")
+    assert resolve(str(run / "checkpoint_e1")) == str(run / "checkpoint_e1")
+    assert latest_result(str(run))["checkpoint_path"] == str(run / "checkpoint_none")
+
+
+def test_a_folder_without_checkpoints_is_refused(tmp_path):
+    with pytest.raises(RecsysError, match="neither a checkpoint nor a run directory"):
+        resolve(str(tmp_path))

@@ -50,3 +50,21 @@ def test_yaml_round_trip(tmp_path):
     p.write_text(yaml.safe_dump({"dataset": "synthetic", "synthetic": {"num_users": 10, "num_events": 50}}))
     cfg = build_config(DataConfig, load_yaml(p))
     assert cfg.synthetic.num_users == 10
+
+
+def test_range_rules_name_the_field_by_its_path():
+    from recsys_ray.config import rule_holds
+    from recsys_ray.train.config import load_train_config
+
+    assert rule_holds(0.0, "[0, 1)") and not rule_holds(1.0, "[0, 1)") and rule_holds(1.0, "[0, 1]")
+    assert rule_holds(2, ">= 2") and not rule_holds(0, "> 0") and rule_holds(-1, "< 0")
+    with pytest.raises(ValueError, match="not a range rule"):
+        rule_holds(1, "about 3")
+    with pytest.raises(ConfigError) as err:
+        load_train_config({"batch_size": 0, "optim": {"lr": 0, "warmup_ratio": 1.0}, "model": {"dropout": 1.5}})
+    assert err.value.problems == [
+        "batch_size must be >= 1, got 0",
+        "model.dropout must be in [0, 1), got 1.5",
+        "optim.lr must be > 0, got 0.0",
+        "optim.warmup_ratio must be in [0, 1), got 1.0",
+    ]

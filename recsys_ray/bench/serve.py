@@ -51,7 +51,7 @@ from typing import ClassVar, Literal
 
 import aiohttp
 import numpy as np
-import psutil
+import psutil  # comes with ray[default] (the dashboard needs it)
 import pyarrow.parquet as pq
 import ray
 import requests

@@ -1,6 +1,6 @@
 """Tokenization for the data pipeline (no padding here: batches are padded in the loader).
 
-The tokenizer of an encoder name comes from :func:`recsys_ray.model.encoder.load_tokenizer`
+The tokenizer of an encoder name comes from :func:`recsys_ray.model.tokenizer.load_tokenizer`
 (the one loader data preparation, training and serving share).
 
 Items and profiles are tokenized once (``TextTokenizer`` on a Ray Data actor pool). A user

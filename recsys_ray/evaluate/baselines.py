@@ -2,7 +2,7 @@
 popularity, EASE (Steck 2019) and item-kNN (cosine); :func:`baseline_ranks` scores the test split.
 
 All of them score users from their interaction rows X (users x items, scipy CSR, binary), so
-their scores go through exactly the metric code the BERT models use (`recsys_ray.metrics`).
+their scores go through exactly the metric code the BERT models use (`recsys_ray.evaluate.metrics`).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from recsys_ray.config import build_config
+from recsys_ray.config import build_config, location_problems
 from recsys_ray.model import kinds
 from recsys_ray.model.base import TrainSettings, ValidationSettings
 from recsys_ray.model.config import ModelConfig
@@ -81,11 +81,7 @@ class TrainConfig:
             out.append(kind)
         if LOSSES[self.loss].needs_negatives and self.negatives < 1:
             out.append(f"loss {self.loss!r} needs negatives >= 1")
-        if not self.storage_path:
-            out.append("storage_path must not be empty")
-        if not self.name or "/" in self.name:
-            out.append(f"name must be a non-empty folder name, got {self.name!r}")
-        return out
+        return out + location_problems(self.storage_path, self.name)
 
     def train_settings(self) -> TrainSettings:
         """What a model kind's batches and loss read."""

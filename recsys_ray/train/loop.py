@@ -24,7 +24,12 @@ import ray.train.torch
 import torch
 from torch import nn
 
-from recsys_ray.checkpoint import SCORE, UNVALIDATED_SCORE, load_train_state, write_training_checkpoint
+from recsys_ray.checkpoint import (
+    SCORE,
+    UNVALIDATED_SCORE,
+    load_train_state,
+    write_training_checkpoint,
+)
 from recsys_ray.config import build_config, to_dict
 from recsys_ray.data import layout
 from recsys_ray.data.catalogue import Catalogue

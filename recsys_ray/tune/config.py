@@ -31,6 +31,7 @@ from recsys_ray.config import (
     deep_merge,
     leaf_fields,
     load_yaml,
+    location_problems,
     merge_overrides,
     to_dict,
     value_problems,
@@ -111,11 +112,7 @@ class TuneSettings:
             out.append(f"tune.metric: the trainer does not report {self.metric!r} (it reports: {', '.join(known)})")
         elif self.metric in LOWER_IS_BETTER and self.mode == "max":
             out.append(f"tune.mode: {self.metric} is lower-is-better, set tune.mode: min")
-        if not self.storage_path:
-            out.append("tune.storage_path must not be empty")
-        if not self.name or "/" in self.name:
-            out.append(f"tune.name must be a non-empty folder name, got {self.name!r}")
-        return out
+        return out + location_problems(self.storage_path, self.name, "tune.")
 
     @property
     def search_space(self) -> dict:

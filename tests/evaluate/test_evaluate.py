@@ -63,10 +63,10 @@ class _FakePredictor:
         return [list(c) for c in batch["context_ids"]]
 
 
-def _udf_with(items: Catalogue, scores: np.ndarray) -> RankUDF:
+def _udf_with(items: Catalogue, scores: np.ndarray, betas=(0.0,), prior=None) -> RankUDF:
     udf = RankUDF.__new__(RankUDF)
-    udf.p, udf.betas, udf.rerank_beta, udf.sampled, udf.seed = _FakePredictor(items, scores), [0.0], None, 0, 0
-    udf.prior = np.zeros(len(items), np.float32)
+    udf.p, udf.betas, udf.rerank_beta, udf.sampled, udf.seed = _FakePredictor(items, scores), list(betas), None, 0, 0
+    udf.prior = np.zeros(len(items), np.float32) if prior is None else np.asarray(prior, np.float32)
     return udf
 
 
@@ -92,6 +92,31 @@ def test_ranks_are_pessimistic_and_a_repeated_target_is_not_masked():
     batch = {"user_id": np.array(["u"]), "target_item_id": ["0"], "seen_item_ids": [["0", "3"]], "context_ids": [[1]]}
     # "0" is in the history too (a repeat): still the target; "3" is masked; ties count against it
     assert _udf_with(items, scores)(batch)["rank_b0"].tolist() == [2]
+
+
+def test_the_retriever_row_is_its_own_scores_whatever_the_betas():
+    """The ``retriever`` row must not be betas[0]'s column: with betas that do not start at 0 it
+    is computed from the raw scores, and with 0 elsewhere in the list it is that column."""
+    items = _catalogue(4)
+    scores = np.array([[1.0, 3.0, 2.0, 0.0]])  # on its own the model ranks "1" first
+    prior = [0.0, 0.0, 0.0, 10.0]  # a prior that lifts "3" to the top
+    batch = {"user_id": np.array(["u"]), "target_item_id": ["1"], "seen_item_ids": [[]], "context_ids": [[1]]}
+    for betas in ((1.0,), (1.0, 0.0), (0.0, 1.0)):
+        out = _udf_with(items, scores, betas=betas, prior=prior)(batch)
+        assert out["rank_retriever"].tolist() == [0], betas
+        assert out[f"rank_b{list(betas).index(1.0)}"].tolist() == [1], betas
+
+
+def test_report_shows_each_metric_once():
+    from recsys_ray.evaluate.report import report_markdown
+
+    m = metrics_of(np.array([0, 3, 12]))
+    model = {"mean": m, "std": dict.fromkeys(m, 0.0), "seeds": 1, "protocol": "full", "per_seed": [m]}
+    text = report_markdown({"data": "d", "num_items": 20, "num_users": 3, "models": {"retriever": model}})
+    header = next(line for line in text.splitlines() if line.startswith("| model |"))
+    cells = [c.strip().lower() for c in header.strip("|").split("|")]
+    assert len(cells) == len(set(cells)), cells
+    assert {"ndcg@10", "hr@10", "ndcg@50", "mrr@20"} <= set(cells)
 
 
 # --- baselines on a hand-made log ----------------------------------------------------------------
