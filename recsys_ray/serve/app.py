@@ -94,12 +94,12 @@ class _ModelReplica:
 
     def _load(self, checkpoint_path: str, items: str | None, device: str, forward_batch_size: int,
               max_context_tokens: int | None, popularity_weight: float, torch_threads: int | None) -> None:
-        # check_args resolved local paths on the driver; an s3:// path is copied here, once per node
-        local = checkpoint.resolve(checkpoint_path)
-        if items is not None and storage.is_remote(items):  # the retriever's checkpoint (the Ranker's catalogue)
+        # check_args resolved local paths once, on the driver; the Predictor copies an s3:// one
+        # here (once per node); an s3:// catalogue is the retriever's checkpoint (the Ranker's items)
+        if items is not None and storage.is_remote(items):
             items = checkpoint.resolve(items)
         cfg = PredictorConfig(
-            **{self.kind: local}, items=items or local, device=resolve_device(device),
+            **{self.kind: checkpoint_path}, items=items, device=resolve_device(device),
             batch_size=forward_batch_size, max_context_tokens=max_context_tokens,
             popularity_weight=popularity_weight if self.kind == "retriever" else 0.0,
             torch_threads=torch_threads,

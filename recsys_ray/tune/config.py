@@ -430,7 +430,7 @@ def load_saved_sweep(path: str) -> SweepConfig:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise RecsysError(f"{path}/{SWEEP_FILE}: unreadable ({str(exc).splitlines()[0]})") from None
+        raise RecsysError(f"{path}/{SWEEP_FILE}: unreadable ({one_line(exc)})") from None
     return load_sweep_config(data)
 
 
