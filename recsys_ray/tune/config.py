@@ -36,7 +36,7 @@ from recsys_ray.config import (
     to_dict,
     value_problems,
 )
-from recsys_ray.errors import ConfigError, RecsysError
+from recsys_ray.errors import ConfigError, RecsysError, one_line
 from recsys_ray.evaluate.metrics import DEFAULT_KS, MetricAccumulator
 from recsys_ray.model.losses import LOSSES
 from recsys_ray.model.tokenizer import resolve_encoder_path
