@@ -5,6 +5,7 @@
 #
 #   cluster/local-multinode.sh up [--workers N] [--port P] [--dir DIR] ...   # prints `export ...` lines
 #   eval "$(cluster/local-multinode.sh up --workers 2)"                      # ... into this shell
+#   eval "$(cluster/local-multinode.sh up --workers 2 --s3)"                 # + a local S3 server
 #   cluster/local-multinode.sh status [--port P | --dir DIR]
 #   cluster/local-multinode.sh down   [--port P | --dir DIR] [--keep-dir]
 #
@@ -19,6 +20,11 @@
 # So this script sets RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=DIR/auth_token (a fresh token per
 # cluster) for every node, and prints both for your drivers. RAY_AUTH_MODE=disabled in the caller's
 # environment opts out.
+#
+# --s3 also starts a local S3-compatible server (moto, from the project's dev dependencies) on
+# 127.0.0.1 and gives every node its endpoint and throwaway credentials in the node's environment,
+# the way a cloud node gets an instance role: jobs resolve them themselves, nothing passes them
+# around. The same variables are printed for your drivers; `down` stops the server too.
 #
 # Addresses: every address this script passes is 127.0.0.1. Ray on Linux still advertises the
 # machine's primary IP as the node IP (services.resolve_ip_for_localhost rewrites loopback) and its
@@ -44,6 +50,8 @@ options:
   --object-store-mb M    object store per node in MiB (default 512)
   --timeout S            seconds to wait for the cluster to come up (default 90)
   --keep-dir             down: keep DIR (logs) instead of deleting it
+  --s3                   up: also start a local S3 server (moto) on 127.0.0.1 for the nodes
+  --s3-port P            its port (default P+3)
 
 env: RAY_BIN (ray executable), PYTHON (interpreter with ray), RAY_AUTH_MODE=disabled (no token)
 EOF
@@ -66,6 +74,8 @@ GPUS=0
 OBJ_MB=512
 TIMEOUT=90
 KEEP_DIR=0
+S3=0
+S3_PORT=""
 
 need_int() { [[ "$2" =~ ^[0-9]+$ ]] || die "$1 needs a non-negative integer, got '$2'"; }
 
@@ -81,6 +91,8 @@ while [[ $# -gt 0 ]]; do
         --object-store-mb) need_int "$1" "${2:-}"; OBJ_MB=$2; shift 2 ;;
         --timeout) need_int "$1" "${2:-}"; TIMEOUT=$2; shift 2 ;;
         --keep-dir) KEEP_DIR=1; shift ;;
+        --s3) S3=1; shift ;;
+        --s3-port) need_int "$1" "${2:-}"; S3_PORT=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown option '$1'" ;;
     esac
@@ -88,6 +100,7 @@ done
 
 DASH_PORT=${DASH_PORT:-$((PORT + 1))}
 CLIENT_PORT=${CLIENT_PORT:-$((PORT + 2))}
+S3_PORT=${S3_PORT:-$((PORT + 3))}
 DIR=${DIR:-/tmp/recsys-ray-$PORT}
 [[ "$DIR" = /* ]] || DIR="$PWD/$DIR"
 DIR=${DIR%/}
@@ -192,7 +205,30 @@ setup_auth_env() {
     export RAY_AUTH_TOKEN_PATH="$DIR/auth_token"
 }
 
+# The local S3 server: moto, its state in memory, on loopback only; throwaway credentials.
+start_s3() {
+    "$PYTHON" -c "import moto.server" 2>/dev/null || die "--s3 needs moto (pip install 'moto[server]', a dev dependency)"
+    port_in_use "$S3_PORT" && die "port $S3_PORT on 127.0.0.1 is in use; pick another --s3-port"
+    setsid "$PYTHON" -m moto.server -H 127.0.0.1 -p "$S3_PORT" </dev/null >"$DIR/logs/s3.log" 2>&1 &
+    echo $! >"$DIR/pids/s3.pid"
+    local deadline=$((SECONDS + TIMEOUT))
+    until port_in_use "$S3_PORT"; do
+        is_alive "$(cat "$DIR/pids/s3.pid")" || { tail -n 20 "$DIR/logs/s3.log" >&2; die "the S3 server exited"; }
+        ((SECONDS < deadline)) || die "the S3 server did not listen on $S3_PORT within ${TIMEOUT}s"
+        sleep 0.2
+    done
+    export AWS_ENDPOINT_URL="http://127.0.0.1:$S3_PORT" AWS_DEFAULT_REGION=us-east-1
+    export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing
+    unset AWS_ENDPOINT_URL_S3 AWS_SESSION_TOKEN AWS_PROFILE
+    log "S3 server (moto) at $AWS_ENDPOINT_URL, throwaway credentials"
+}
+
 env_lines() {
+    if [[ -f "$DIR/pids/s3.pid" ]]; then
+        echo "export AWS_ENDPOINT_URL=http://127.0.0.1:$S3_PORT AWS_DEFAULT_REGION=us-east-1"
+        echo "export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing"
+        echo "unset AWS_ENDPOINT_URL_S3 AWS_SESSION_TOKEN AWS_PROFILE"
+    fi
     echo "export RAY_ADDRESS=127.0.0.1:$PORT"
     echo "export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$DASH_PORT"
     echo "export RAY_AUTH_MODE=$RAY_AUTH_MODE"
@@ -204,7 +240,7 @@ env_lines() {
 
 cmd_up() {
     local name pid
-    for name in $(node_names); do
+    for name in $(node_names) s3; do
         is_alive "$(pid_of "$name")" && die "a cluster is already running in $DIR; run '$SCRIPT_NAME down --dir $DIR' first"
     done
     for p in "$PORT" "$DASH_PORT" "$CLIENT_PORT"; do
@@ -230,6 +266,7 @@ cmd_up() {
     # From here on a failure tears down whatever already started.
     # The dir (with the logs saying why) is kept; a later `down` removes it.
     trap 'log "up failed; stopping what started"; KEEP_DIR=1; cmd_down || true' ERR
+    [[ $S3 -eq 1 ]] && start_s3  # before the nodes: they inherit its endpoint and credentials
     local obj_bytes=$((OBJ_MB * 1024 * 1024))
     # setsid: the nodes outlive this script and a Ctrl-C in its terminal; stdin/stdout/stderr go to
     # files so a caller reading this script's output through a pipe is not held open by them.
@@ -297,7 +334,7 @@ EOF
     trap - ERR
 
     env_lines >"$DIR/env"
-    log "up: head + $WORKERS worker node(s), dir $DIR, dashboard http://127.0.0.1:$DASH_PORT"
+    log "up: head + $WORKERS worker node(s)$([[ $S3 -eq 1 ]] && echo " + S3 at 127.0.0.1:$S3_PORT"), dir $DIR, dashboard http://127.0.0.1:$DASH_PORT"
     log "use it with:  eval \"\$($SCRIPT_NAME ... up)\"  or  source $DIR/env"
     env_lines
 }
@@ -309,6 +346,7 @@ cmd_status() {
         log "no cluster recorded in $DIR"
         return 1
     fi
+    [[ -f "$DIR/pids/s3.pid" ]] && names="$names s3"
     for name in $names; do
         pid=$(pid_of "$name")
         if is_alive "$pid"; then echo "$name pid=$pid alive"; else echo "$name pid=$pid dead"; all_alive=0; fi
@@ -327,6 +365,14 @@ cmd_down() {
         pid=$(pid_of "$name")
         is_alive "$pid" && roots="$roots $pid"
     done
+    pid=$(pid_of s3)
+    if is_alive "$pid"; then
+        kill -TERM "$pid" 2>/dev/null || true
+        local s3_deadline=$((SECONDS + 10))
+        while is_alive "$pid" && ((SECONDS < s3_deadline)); do sleep 0.2; done
+        is_alive "$pid" && kill -KILL "$pid" 2>/dev/null || true
+        log "down: stopped the S3 server"
+    fi
     if [[ -n "$roots" ]]; then
         # Snapshot the whole tree first: a raylet's workers are its children, not the ray start
         # process's, and they get re-parented when the raylet exits.

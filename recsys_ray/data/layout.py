@@ -50,8 +50,7 @@ def part_path(root: str, part: str) -> str:
 
 def has_part(root: str, part: str) -> bool:
     """Whether ``root/part`` is a folder."""
-    fs, path = storage.filesystem(part_path(root, part))
-    return fs.get_file_info(path).type == pafs.FileType.Directory
+    return storage.is_dir(part_path(root, part))
 
 
 def require_parts(root: str, parts: Sequence[str]) -> None:
@@ -115,9 +114,22 @@ def read_sequences(root: str, columns: Sequence[str] | None = None) -> pa.Table:
     return read_table(root, SEQUENCES, columns)
 
 
+def dataset_target(root: str, part: str) -> tuple[str, pafs.FileSystem | None]:
+    """(path, filesystem) of one part for Ray Data's readers and writers (see
+    :func:`recsys_ray.storage.ray_target`)."""
+    uri = part_path(root, part)
+    return (uri, None) if not storage.is_remote(uri) else storage.ray_target(uri)
+
+
 def read_dataset(root: str, part: str, columns: Sequence[str] | None = None, **kwargs):
     """One part as a Ray Dataset (streamed: the train split, sequences for training)."""
     import ray.data  # Ray Data is a heavy import; only streaming readers need it
 
     _dataset(root, part)  # the same DataError as the table readers for a missing part
-    return ray.data.read_parquet(part_path(root, part), columns=list(columns) if columns else None, **kwargs)
+    path, fs = dataset_target(root, part)
+    return ray.data.read_parquet(path, filesystem=fs, columns=list(columns) if columns else None, **kwargs)
+
+
+def count_rows(root: str, part: str) -> int:
+    """Rows of one part (0 when it does not exist)."""
+    return _dataset(root, part).count_rows() if has_part(root, part) else 0

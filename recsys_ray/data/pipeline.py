@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,12 +28,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy
 from ray.data.context import ShuffleStrategy
 
+from recsys_ray import storage
 from recsys_ray.config import to_dict
 from recsys_ray.data import layout
 from recsys_ray.data import text as T
@@ -68,27 +65,22 @@ log = logging.getLogger(__name__)
 # Ray Data UDFs
 
 
-_STORAGE_ENV = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-    "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE",
-)  # fmt: skip
+NODE = "node"  # column of validated rows: the Ray node that read them (dictionary-encoded: 1 byte a row)
 
 
-def storage_env() -> dict[str, str]:
-    """The driver's object-store settings, handed to workers that do not have their own."""
-    return {k: os.environ[k] for k in _STORAGE_ENV if k in os.environ}
-
-
-def apply_storage_env(env: dict[str, str]) -> None:
-    for k, v in env.items():
-        os.environ.setdefault(k, v)
+def _node_column(n: int) -> pa.DictionaryArray:
+    node = ray.get_runtime_context().get_node_id()
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int8)), pa.array([node]))
 
 
 class LogReader:
-    """Reads whole files (one per input row) and validates them batch by batch."""
+    """Reads whole files (one per input row) and validates them batch by batch.
 
-    def __init__(self, columns: ColumnMap, timestamp_unit: str, catalogue_ids: pa.Array, batch_rows: int, env: dict):
-        apply_storage_env(env)
+    Storage credentials are this worker's own (its node's environment, shared config or
+    instance role): nothing secret is handed to it.
+    """
+
+    def __init__(self, columns: ColumnMap, timestamp_unit: str, catalogue_ids: pa.Array, batch_rows: int):
         self.columns, self.unit, self.batch_rows = columns, timestamp_unit, batch_rows
         self.catalogue = catalogue_ids
 
@@ -103,7 +95,7 @@ class LogReader:
                     break
                 except (OSError, pa.ArrowException) as exc:  # a corrupt or vanished file
                     raise DataError(f"{ref.uri}: cannot read ({one_line(exc)})") from None
-                yield validate_batch(
+                out = validate_batch(
                     table,
                     columns=self.columns,
                     timestamp_unit=self.unit,
@@ -112,15 +104,15 @@ class LogReader:
                     file_idx=f["file_idx"],
                     malformed=malformed,
                 )
+                yield out.append_column(NODE, _node_column(out.num_rows))
 
 
-def read_profiles(files: pa.Table, id_column: str, profile_columns: list[str], env: dict) -> Iterator[pa.Table]:
+def read_profiles(files: pa.Table, id_column: str, profile_columns: list[str]) -> Iterator[pa.Table]:
     """User files -> profile rows shaped like accepted events (``item_id`` null) plus ``profile_text``.
 
     They are shuffled together with the events, so each user's profile meets its history
     without a join; rows without a user id are skipped.
     """
-    apply_storage_env(env)
     for f in files.to_pylist():
         ref = FileRef(uri=f["uri"], format=f["format"], size=f["size"], mtime_ns=f["mtime_ns"])
         for table, _ in iter_record_batches(ref, [id_column, *profile_columns], 65_536):
@@ -159,6 +151,14 @@ def _reject_counts(t: pa.Table) -> pa.Table:
     return pa.table({"reason": counts.field("values"), "count": pc.cast(counts.field("counts"), pa.int64())})
 
 
+def _node_counts(t: pa.Table) -> pa.Table:
+    """(node, count): how many log rows each Ray node read and validated, in one block."""
+    if t.num_rows == 0:
+        return pa.table({NODE: pa.array([], pa.string()), "count": pa.array([], pa.int64())})
+    counts = pc.value_counts(pc.cast(t[NODE], pa.string()))
+    return pa.table({NODE: counts.field("values"), "count": pc.cast(counts.field("counts"), pa.int64())})
+
+
 def _sequence_stats(t: pa.Table) -> pa.Table:
     n = pc.list_value_length(t["item_ids"])
     split = pc.cast(pc.equal(t["n_train"], pc.subtract(n, 2)), pa.int64())
@@ -181,17 +181,24 @@ def _sequence_stats(t: pa.Table) -> pa.Table:
 # the job
 
 
-def _prepare_output(out: Path) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not (out / layout.MANIFEST).exists() and not (out / layout.SOURCE).exists():
+def output_root(output: str) -> str:
+    """The output folder as every process can name it: a URI, or an absolute local path."""
+    if storage.is_remote(output):
+        if not output.startswith("s3://"):
+            raise DataError(f"output {output}: only local paths and s3:// URIs can be written")
+        return output.rstrip("/")
+    return str(Path(output).expanduser().resolve())
+
+
+def _prepare_output(out: str) -> None:
+    """An empty or earlier-prepared folder, its old parts removed; anything else is refused.
+    Written to once first, so a path the job cannot write fails now, with the reason."""
+    if not storage.is_empty_dir(out):
+        if storage.read_text(layout.part_path(out, layout.MANIFEST)) is None and not layout.has_part(out, layout.SOURCE):
             raise DataError(f"output {out} is not empty and holds no {layout.MANIFEST}; refusing to overwrite it")
         for part in layout.PARTS:
-            p = out / part
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+            storage.delete_dir(layout.part_path(out, part))
+    storage.check_writable(out, "output")
 
 
 def _fingerprint(cfg: DataConfig, src: Source, refs: list[FileRef], tok: dict) -> str:
@@ -201,17 +208,11 @@ def _fingerprint(cfg: DataConfig, src: Source, refs: list[FileRef], tok: dict) -
         for r in refs:  # generic logs: identity of each file (content hashing 10 GB is not free)
             h.update(f"{r.uri}|{r.size}|{r.mtime_ns}".encode())
     conf = to_dict(cfg)
-    for volatile in ("output", "cache_dir", "num_actors"):
+    for volatile in ("output", "cache_dir", "num_actors", "s3_endpoint"):
         conf.pop(volatile, None)
     h.update(json.dumps(conf, sort_keys=True).encode())
     h.update(tok["vocab_sha256"].encode())
     return h.hexdigest()[:16]
-
-
-def _count_rows(path: Path) -> int:
-    if not path.exists():
-        return 0
-    return pads.dataset(str(path), format="parquet").count_rows()
 
 
 @dataclass
@@ -226,13 +227,14 @@ class Inputs:
     catalogue: pa.Table  # item_id, text, <text columns>
     text_cols: list[str]
     tok: dict  # what the manifest records about the tokenizer
-    out: Path
+    out: str  # the output folder: an absolute local path or a URI
 
 
 def prepare(cfg: DataConfig) -> dict:
     """Run the whole preparation; return the manifest (also written to ``output/manifest.json``)."""
     t0 = time.perf_counter()
-    out = Path(cfg.output).expanduser().resolve()
+    storage.use_endpoint(cfg.s3_endpoint)
+    out = output_root(cfg.output)
     _prepare_output(out)
     tok = tokenizer_info(cfg.tokenizer)
     init_ray()
@@ -257,7 +259,7 @@ def prepare(cfg: DataConfig) -> dict:
     finally:
         ctx.shuffle_strategy = previous_strategy
     manifest["seconds"] = round(time.perf_counter() - t0, 2)
-    (out / layout.MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    storage.write_text(layout.part_path(out, layout.MANIFEST), json.dumps(manifest, indent=2, default=str))
     return manifest
 
 
@@ -313,8 +315,7 @@ def _write_items(inp: Inputs) -> pa.Table:
     full_ids = encode_texts(load_tokenizer(inp.cfg.tokenizer), inp.catalogue["text"].to_pylist())
     items = inp.catalogue.append_column("full_ids", list_column(full_ids))
     items_out = inp.catalogue.append_column("input_ids", pc.list_slice(items["full_ids"], 0, inp.cfg.max_item_tokens))
-    (inp.out / layout.ITEMS).mkdir(parents=True, exist_ok=True)
-    pq.write_table(items_out, inp.out / layout.ITEMS / "items.parquet")
+    storage.write_parquet(items_out, storage.join(layout.part_path(inp.out, layout.ITEMS), "items.parquet"))
     return items
 
 
@@ -329,7 +330,6 @@ def _read_validate(inp: Inputs, actors: int):
             "timestamp_unit": src.timestamp_unit,
             "catalogue_ids": inp.catalogue["item_id"].combine_chunks(),
             "batch_rows": 262_144,
-            "env": storage_env(),
         },
         compute=ActorPoolStrategy(min_size=1, max_size=actors),
         batch_size=1,
@@ -339,13 +339,16 @@ def _read_validate(inp: Inputs, actors: int):
     if rows_read == 0:
         raise DataError(f"empty input: 0 events read from {src.events}")
     by_reason = _counts_by_key(validated.map_batches(_reject_counts, batch_format="pyarrow", batch_size=None), "reason")
+    by_node = _counts_by_key(validated.map_batches(_node_counts, batch_format="pyarrow", batch_size=None), NODE)
     n_rejected = sum(by_reason.values())
     if n_rejected:
-        validated.map_batches(_rejected, batch_format="pyarrow", batch_size=None).write_parquet(str(out / layout.REJECTS))
+        path, fs = layout.dataset_target(out, layout.REJECTS)
+        validated.map_batches(_rejected, batch_format="pyarrow", batch_size=None).write_parquet(path, filesystem=fs)
     if n_rejected == rows_read:
-        raise DataError(f"every one of the {rows_read} events in {src.events} was rejected; see {out / layout.REJECTS}")
+        raise DataError(f"every one of the {rows_read} events in {src.events} was rejected; "
+                        f"see {layout.part_path(out, layout.REJECTS)}")
     return validated, {"read": rows_read, "rejected": n_rejected, "accepted": rows_read - n_rejected,
-                       "by_reason": by_reason}
+                       "by_reason": by_reason, "by_node": by_node}
 
 
 def _split_users(inp: Inputs, validated):
@@ -361,7 +364,7 @@ def _split_users(inp: Inputs, validated):
             pa.Table.from_pylist(_file_rows(inp.user_refs)), override_num_blocks=len(inp.user_refs)
         ).map_batches(
             read_profiles,
-            fn_kwargs={"id_column": inp.src.user_id_column, "profile_columns": inp.profile_cols, "env": storage_env()},
+            fn_kwargs={"id_column": inp.src.user_id_column, "profile_columns": inp.profile_cols},
             batch_size=1,
             batch_format="pyarrow",
         )
@@ -378,7 +381,8 @@ def _split_users(inp: Inputs, validated):
     )
     # with profiles, sequences keep profile_text: history="items" models train from sequences
     seq_columns = SEQUENCE_SCHEMA.names + (["profile_text"] if with_profiles else [])
-    sequences.select_columns(seq_columns).write_parquet(str(inp.out / layout.SEQUENCES))
+    path, fs = layout.dataset_target(inp.out, layout.SEQUENCES)
+    sequences.select_columns(seq_columns).write_parquet(path, filesystem=fs)
     stats = _sum_rows(
         sequences.map_batches(_sequence_stats, batch_format="pyarrow", batch_size=None),
         ["users", "events", "train_events", "split_users", "profiles"],
@@ -410,16 +414,17 @@ def _write_examples(inp: Inputs, sequences, items: pa.Table, popularity: dict | 
         batch_format="pyarrow",
     )
     # writing is I/O next to the CPU-bound actors; a whole CPU per write task would idle one actor
-    examples.write_parquet(str(inp.out / layout.EXAMPLES), partition_cols=["split"], ray_remote_args={"num_cpus": 0.1})
+    path, fs = layout.dataset_target(inp.out, layout.EXAMPLES)
+    examples.write_parquet(path, filesystem=fs, partition_cols=["split"], ray_remote_args={"num_cpus": 0.1})
 
 
 def _manifest(inp: Inputs, items: pa.Table, counts: dict, stats: dict, timings: dict, cpus: int, actors: int) -> dict:
     cfg, out = inp.cfg, inp.out
-    example_counts = {s: _count_rows(out / layout.split_part(s)) for s in layout.SPLITS}
+    example_counts = {s: layout.count_rows(out, layout.split_part(s)) for s in layout.SPLITS}
     users, split_users = stats["users"], stats["split_users"]
     return {
         "dataset": cfg.dataset,
-        "output": str(out),
+        "output": out,
         "source": inp.src.description,
         "counts": {
             "rows_read": counts["read"],
@@ -446,7 +451,8 @@ def _manifest(inp: Inputs, items: pa.Table, counts: dict, stats: dict, timings: 
         "config": to_dict(cfg),
         "fingerprint": _fingerprint(cfg, inp.src, inp.refs, inp.tok),
         "timings": {k: round(v, 2) for k, v in timings.items()},
-        "ray": {"cpus": cpus, "actors": actors},
+        # which Ray node read and validated how many log rows (the record that work spread)
+        "ray": {"cpus": cpus, "actors": actors, "nodes": sum(n["Alive"] for n in ray.nodes()), "rows_read_by_node": counts["by_node"]},
     }
 
 

@@ -6,13 +6,12 @@ into ``OUTPUT/source/``; generic logs are described by the config's paths and co
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from recsys_ray import storage
 from recsys_ray.config import to_dict
 from recsys_ray.data import layout, movielens, synthetic
 from recsys_ray.data import text as T
@@ -43,18 +42,18 @@ class Source:
 # sources
 
 
-def resolve_source(cfg: DataConfig, out: Path) -> Source:
-    """Materialise built-in datasets into ``out/source`` and describe any source uniformly."""
+def resolve_source(cfg: DataConfig, out: str) -> Source:
+    """Materialise built-in datasets into ``out/source`` (local or a URI, where every node can
+    read them) and describe any source uniformly."""
+    src = layout.part_path(out, layout.SOURCE)
     if cfg.dataset == "movielens-100k":
         tables, desc = movielens.load_movielens(cfg.movielens_path, cfg.cache_dir)
-        src = out / layout.SOURCE
-        src.mkdir(parents=True, exist_ok=True)
         for name, table in tables.items():
-            pq.write_table(table, src / f"{name}.parquet")
+            storage.write_parquet(table, storage.join(src, f"{name}.parquet"))
         return Source(
-            events=str(src / "events.parquet"),
-            items=str(src / "items.parquet"),
-            users=str(src / "users.parquet"),
+            events=storage.join(src, "events.parquet"),
+            items=storage.join(src, "items.parquet"),
+            users=storage.join(src, "users.parquet"),
             columns=ColumnMap(value="rating"),
             format="parquet",
             timestamp_unit="s",
@@ -65,7 +64,7 @@ def resolve_source(cfg: DataConfig, out: Path) -> Source:
             description={"dataset": "movielens-100k", **desc},
         )
     if cfg.dataset == "synthetic":
-        paths = synthetic.write_synthetic(cfg.synthetic, cfg.seed, out / layout.SOURCE)
+        paths = synthetic.write_synthetic(cfg.synthetic, cfg.seed, src)
         return Source(
             events=paths["events"],
             items=paths["items"],

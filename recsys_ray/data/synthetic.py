@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
+from recsys_ray import storage
 from recsys_ray.data.config import SyntheticConfig
 
 TOPICS = [
@@ -142,24 +142,23 @@ def generate_shard(
 
 
 def write_synthetic(cfg: SyntheticConfig, seed: int, out_dir: str | Path) -> dict[str, str]:
-    """Write ``events/part-*.parquet``, ``items.parquet`` and ``users/part-*.parquet``; return their paths.
+    """Write ``events/part-*.parquet``, ``items.parquet`` and ``users/part-*.parquet`` under a
+    local folder or a URI; return their paths.
 
     Shards run as Ray tasks when Ray is initialised (the bench's 10M events), else in-process;
     user profiles are written per shard (``users/part-*.parquet``) so nothing is gathered here.
     """
-    out = Path(out_dir)
-    (out / "events").mkdir(parents=True, exist_ok=True)
-    (out / "users").mkdir(parents=True, exist_ok=True)
+    out = str(out_dir) if storage.is_remote(out_dir) else str(Path(out_dir))
     items, topic, weight = item_table(cfg, seed)
-    pq.write_table(items, out / "items.parquet")
+    storage.write_parquet(items, storage.join(out, "items.parquet"))
     counts = user_event_counts(cfg, seed)
     n_shards = math.ceil(cfg.num_users / cfg.shard_users)
 
     def run(shard: int) -> int:
         lo, hi = shard * cfg.shard_users, min(cfg.num_users, (shard + 1) * cfg.shard_users)
         events, profiles = generate_shard(cfg, seed, shard, counts[lo:hi], topic, weight)
-        pq.write_table(events, out / "events" / f"part-{shard:05d}.parquet")
-        pq.write_table(profiles, out / "users" / f"part-{shard:05d}.parquet")
+        storage.write_parquet(events, storage.join(out, "events", f"part-{shard:05d}.parquet"))
+        storage.write_parquet(profiles, storage.join(out, "users", f"part-{shard:05d}.parquet"))
         return events.num_rows
 
     if ray.is_initialized() and n_shards > 1:
@@ -169,7 +168,7 @@ def write_synthetic(cfg: SyntheticConfig, seed: int, out_dir: str | Path) -> dic
         for s in range(n_shards):
             run(s)
     return {
-        "events": str(out / "events"),
-        "items": str(out / "items.parquet"),
-        "users": str(out / "users"),
+        "events": storage.join(out, "events"),
+        "items": storage.join(out, "items.parquet"),
+        "users": storage.join(out, "users"),
     }

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -66,6 +67,7 @@ class EvalSettings:
     actors: int = 0  # 0: one per CPU of the cluster, at most 2
     max_users: int = 0  # 0: every test user
     baselines: bool = True
+    s3_endpoint: str | None = None  # S3-compatible store; default AWS_ENDPOINT_URL(_S3) or AWS
 
     def problems(self) -> list[str]:
         out = []
@@ -76,7 +78,7 @@ class EvalSettings:
         for p in [*self.checkpoints, *self.rankers]:
             if not storage.is_remote(p) and not Path(p).is_dir():
                 out.append(f"checkpoint not found: {p}")
-        if not (Path(self.data) / layout.MANIFEST).is_file():
+        if not layout.is_prepared(self.data):
             out.append(f"--data {self.data}: not a prepared data directory (no manifest.json)")
         if self.rerank_top < 1:
             out.append("rerank_top must be >= 1")
@@ -236,9 +238,11 @@ def evaluate(settings: EvalSettings) -> dict:
     Checkpoints may be checkpoint directories, run directories (their best checkpoint) or
     ``s3://`` URIs.
     """
+    storage.use_endpoint(settings.s3_endpoint)
     problems = settings.problems()
     if problems:
         raise ConfigError(problems)
+    storage.check_writable(settings.output, "--output")
     settings.checkpoints = [checkpoint.resolve(p) for p in settings.checkpoints]
     settings.rankers = [checkpoint.resolve(p) for p in settings.rankers]
     t0 = time.perf_counter()
@@ -306,15 +310,30 @@ def evaluate(settings: EvalSettings) -> dict:
         "notes": notes,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    files = write_report(result, Path(settings.output))
+    files = save_report(result, settings.output)
     summary = {"output": settings.output, **files, "seconds": result["seconds"], "headline": _headline(models)}
     return {"summary": summary, "result": result}
+
+
+def save_report(result: dict, output: str) -> dict[str, str]:
+    """:func:`write_report` into ``output``, a local folder or a URI (written locally, uploaded)."""
+    if not storage.is_remote(output):
+        return write_report(result, Path(output))
+    with tempfile.TemporaryDirectory() as tmp:
+        files = write_report(result, Path(tmp))
+        storage.upload_dir(tmp, output)
+    return {k: storage.join(output, Path(v).name) for k, v in files.items()}
 
 
 def merge_results(paths: Sequence[str], output: str) -> dict:
     """Combine metrics.json files of separate runs over the same data (e.g. one per seed, run as
     separate jobs): each model's per-seed rows are concatenated; deterministic baselines kept once."""
-    results = [json.loads(Path(p).read_text()) for p in paths]
+    results = []
+    for p in paths:
+        text = storage.read_text(p)
+        if text is None:
+            raise RecsysError(f"{p}: not found")
+        results.append(json.loads(text))
     first = results[0]
     for p, r in zip(paths, results, strict=True):
         if r.get("data_fingerprint") != first.get("data_fingerprint") or r.get("num_users") != first.get("num_users"):
@@ -336,6 +355,6 @@ def merge_results(paths: Sequence[str], output: str) -> dict:
     notes = list(dict.fromkeys(n for r in results for n in r.get("notes", [])))
     result = {**first, "models": models, "notes": notes, "merged_from": list(paths),
               "seconds": round(sum(r.get("seconds", 0) for r in results), 1)}
-    files = write_report(result, Path(output))
+    files = save_report(result, output)
     return {"summary": {"output": output, **files, "merged": len(paths), "headline": _headline(models)},
             "result": result}

@@ -51,6 +51,7 @@ class AppArgs(BaseModel):
     max_context_tokens: int | None = Field(None, ge=8, description="default: what the checkpoint trained with")
     popularity_weight: float = Field(0.0, ge=0.0, description="retriever popularity prior beta")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per model replica (default: torch's)")
+    s3_endpoint: str | None = Field(None, description="S3-compatible store for s3:// checkpoints (default: AWS_ENDPOINT_URL(_S3), else AWS)")
 
 
 # ---------------------------------------------------------------------------------------------

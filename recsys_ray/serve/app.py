@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -49,7 +50,7 @@ from recsys_ray.data.catalogue import CATALOGUE_FILE
 from recsys_ray.errors import ConfigError, RecsysError, one_line
 from recsys_ray.model.kinds import checkpoint_config
 from recsys_ray.predict import Predictor, PredictorConfig, rerank_order
-from recsys_ray.ray_compat import deploy_serve_config
+from recsys_ray.ray_compat import RUN_SNAPSHOT, deploy_serve_config
 from recsys_ray.serve.api import (
     RETRY_AFTER_S,
     ApiError,
@@ -93,9 +94,12 @@ class _ModelReplica:
     kind = "retriever"
 
     def _load(self, checkpoint_path: str, items: str | None, device: str, forward_batch_size: int,
-              max_context_tokens: int | None, popularity_weight: float, torch_threads: int | None) -> None:
+              max_context_tokens: int | None, popularity_weight: float, torch_threads: int | None,
+              s3_endpoint: str | None = None) -> None:
         # check_args resolved local paths once, on the driver; the Predictor copies an s3:// one
-        # here (once per node); an s3:// catalogue is the retriever's checkpoint (the Ranker's items)
+        # here (once per node, credentials from this node's own chain); an s3:// catalogue is the
+        # retriever's checkpoint (the Ranker's items)
+        storage.use_endpoint(s3_endpoint)
         if items is not None and storage.is_remote(items):
             items = checkpoint.resolve(items)
         cfg = PredictorConfig(
@@ -122,7 +126,9 @@ class _ModelReplica:
 
     def ready(self) -> dict:
         """Answered only once the constructor finished: the checkpoint is loaded."""
-        return {"kind": self.kind, "checkpoint": self.checkpoint, "items": len(self.predictor.items),
+        model = self.predictor.retriever if self.kind == "retriever" else self.predictor.ranker
+        return {"kind": self.kind, "checkpoint": self.checkpoint, "loaded_from": str(model.source),
+                "items": len(self.predictor.items),
                 "device": str(self.predictor.device), "replica": serve.get_replica_context().replica_id.unique_id,
                 **self.batch_config.model_dump()}
 
@@ -170,8 +176,8 @@ class Ranker(_ModelReplica):
 
     def __init__(self, checkpoint: str, items: str | None = None, device: str = "auto",
                  forward_batch_size: int = 128, max_context_tokens: int | None = None,
-                 torch_threads: int | None = None):
-        self._load(checkpoint, items, device, forward_batch_size, max_context_tokens, 0.0, torch_threads)
+                 torch_threads: int | None = None, s3_endpoint: str | None = None):
+        self._load(checkpoint, items, device, forward_batch_size, max_context_tokens, 0.0, torch_threads, s3_endpoint)
 
     def _batch_handlers(self) -> list:
         return [self._score_batch]
@@ -198,8 +204,9 @@ class Retriever(_ModelReplica):
 
     def __init__(self, checkpoint: str, items: str | None = None, device: str = "auto",
                  forward_batch_size: int = 128, max_context_tokens: int | None = None,
-                 popularity_weight: float = 0.0, torch_threads: int | None = None):
-        self._load(checkpoint, items, device, forward_batch_size, max_context_tokens, popularity_weight, torch_threads)
+                 popularity_weight: float = 0.0, torch_threads: int | None = None, s3_endpoint: str | None = None):
+        self._load(checkpoint, items, device, forward_batch_size, max_context_tokens, popularity_weight,
+                   torch_threads, s3_endpoint)
         self.predictor.item_vectors()  # (I, H), before the first request: readiness means loaded
 
     def _batch_handlers(self) -> list:
@@ -336,14 +343,21 @@ def check_args(args: AppArgs) -> AppArgs:
 
     Paths come back absolute (replicas do not share the caller's working directory); run
     directories come back as their best checkpoint, resolved here once. ``s3://`` paths are
-    checked (and copied) by the replicas.
+    loaded (and checked) by the replicas; one that is certainly missing is refused here, but a
+    builder without storage credentials (they may live on the cluster's nodes only) defers to them.
     """
+    storage.use_endpoint(args.s3_endpoint)
     problems: list[str] = []
     resolved: dict[str, str | None] = {}
     for field, kind in (("checkpoint", "retriever"), ("ranker_checkpoint", "ranker")):
         path = getattr(args, field)
         resolved[field] = path
-        if path is None or storage.is_remote(path):
+        if path is not None and storage.is_remote(path):
+            problem = _remote_checkpoint_problem(path)
+            if problem:
+                problems.append(f"{field}: {problem}")
+            continue
+        if path is None:
             continue
         try:
             local = os.path.abspath(checkpoint.resolve(path))
@@ -369,6 +383,20 @@ def check_args(args: AppArgs) -> AppArgs:
     return args.model_copy(update=resolved)
 
 
+def _remote_checkpoint_problem(uri: str) -> str | None:
+    """Why an ``s3://`` checkpoint (or run folder) certainly cannot load, or None (found, or
+    not checkable from here)."""
+    try:
+        if storage.info(storage.join(uri, checkpoint.META_FILE)).type != pafs.FileType.NotFound:
+            return None
+        if storage.read_text(storage.join(uri, RUN_SNAPSHOT)) is not None:
+            return None
+    except RecsysError as exc:
+        log.warning("cannot check %s from here (%s); the replicas will", uri, exc)
+        return None
+    return f"{uri}: neither a checkpoint (no {checkpoint.META_FILE}) nor a training run (no {RUN_SNAPSHOT})"
+
+
 def app_from_args(args: AppArgs, options: dict[str, dict] | None = None) -> Application:
     """The application for ``args``; ``options`` = per-deployment ``.options()`` overrides
     (tests and the benchmark; a Serve config file uses its ``deployments:`` list instead)."""
@@ -379,7 +407,8 @@ def app_from_args(args: AppArgs, options: dict[str, dict] | None = None) -> Appl
         return deployment.options(**options[deployment.name]) if deployment.name in options else deployment
 
     common = {"device": args.device, "forward_batch_size": args.forward_batch_size,
-              "max_context_tokens": args.max_context_tokens, "torch_threads": args.torch_threads}
+              "max_context_tokens": args.max_context_tokens, "torch_threads": args.torch_threads,
+              "s3_endpoint": args.s3_endpoint}
     retriever = opts(Retriever).bind(args.checkpoint, items=args.items,
                                      popularity_weight=args.popularity_weight, **common)
     ranker = None

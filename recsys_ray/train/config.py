@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from recsys_ray.config import build_config, location_problems
 from recsys_ray.model import kinds
@@ -48,7 +48,7 @@ class TrainConfig:
     RANGES: ClassVar[dict[str, str]] = {
         **dict.fromkeys(("batch_size", "epochs", "num_workers", "keep_checkpoints", "log_every", "bucket_batches"), ">= 1"),
         **dict.fromkeys(("negatives", "max_steps_per_epoch", "max_context_tokens", "checkpoint_every_steps",
-                         "max_failures", "torch_threads"), ">= 0"),
+                         "max_failures", "torch_threads", "resource_wait_s"), ">= 0"),
     }
 
     data: str = "artifacts/ml-100k"  # prepared data directory (jobs/prepare_data.py output)
@@ -65,7 +65,10 @@ class TrainConfig:
     num_workers: int = 2  # Ray Train workers (DDP ranks)
     use_gpu: bool = False  # one GPU per worker; bf16 autocast on GPU only
     resources_per_worker: dict = dataclasses.field(default_factory=dict)  # e.g. {"CPU": 1}
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # workers over nodes
+    resource_wait_s: float = 60.0  # how long the cluster may take to offer the workers' resources (autoscaling)
     storage_path: str = "artifacts/runs"  # run storage: local path or s3:// URI
+    s3_endpoint: str | None = None  # S3-compatible store (MinIO, ...); default AWS_ENDPOINT_URL(_S3) or AWS
     name: str = "train"  # run name under storage_path (same name = resume)
     keep_checkpoints: int = 2  # best K checkpoints by validation ndcg@10
     checkpoint_every_steps: int = 0  # extra mid-epoch checkpoints (0 = end of epoch only)

@@ -78,6 +78,7 @@ def build_trainer(cfg: TrainConfig, run_plan: dict | None = None, name: str | No
     """
     run_plan = run_plan or plan(cfg)
     data = storage.absolute(cfg.data)
+    storage_path, storage_fs = storage.ray_target(cfg.storage_path)
     kind = kinds.kind_class(cfg.model)
     if kind.train_part == layout.SEQUENCES:  # one row per user; several blocks so every worker gets a share
         train = layout.read_dataset(data, kind.train_part, columns=kind.train_columns(data))
@@ -98,10 +99,12 @@ def build_trainer(cfg: TrainConfig, run_plan: dict | None = None, name: str | No
         train_loop_config={"train": to_dict(cfg), "run": {**run_plan, "data": data},
                            "step_hooks": list(step_hooks or [])},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               placement_strategy=cfg.placement_strategy),
         run_config=ray.train.RunConfig(
             name=name or cfg.name,
-            storage_path=storage.absolute(cfg.storage_path),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
             ),
@@ -140,16 +143,17 @@ def run_trainer(trainer: TorchTrainer, what: str = "training"):
     return result
 
 
-def summary(result, run_plan: dict, seconds: float) -> dict:
+def summary(result, run_plan: dict, seconds: float, storage_path: str = "") -> dict:
     """What ``jobs/train.py`` prints: the best checkpoint and ITS validation metrics (Ray Train's
-    ``result.metrics`` is the last report, which need not be the best), and where the run ended."""
+    ``result.metrics`` is the last report, which need not be the best), and where the run ended.
+    Paths are URIs when ``storage_path`` is one (Ray reports them inside its filesystem)."""
     kept = [(c.path, m) for c, m in (result.best_checkpoints or [])]
     best = best_checkpoint(kept)
     best_path, best_metrics = best if best else ((result.checkpoint.path if result.checkpoint else None), {})
     last = result.metrics or {}
     return {
-        "run": str(result.path),
-        "best_checkpoint": best_path,
+        "run": storage.uri_of(storage_path, str(result.path)),
+        "best_checkpoint": storage.uri_of(storage_path, best_path) if best_path else None,
         "metrics": {k: best_metrics.get(k) for k in SUMMARY_METRICS},
         "final": {k: last.get(k) for k in ("epoch", "global_step", "train_loss", "samples_per_s")},
         "steps_per_epoch": run_plan["steps_per_epoch"],
@@ -157,10 +161,37 @@ def summary(result, run_plan: dict, seconds: float) -> dict:
     }
 
 
+def wait_for_resources(cfg: TrainConfig) -> None:
+    """Until the cluster offers what the workers need (an autoscaler may still be adding nodes),
+    at most ``cfg.resource_wait_s``; then a one-line error instead of Ray Train waiting forever."""
+    per_worker = {k: float(v) for k, v in (cfg.resources_per_worker or {}).items()}
+    per_worker.setdefault("CPU", 1.0)
+    if cfg.use_gpu:
+        per_worker.setdefault("GPU", 1.0)
+    need = {k: v * cfg.num_workers for k, v in per_worker.items() if v > 0}
+    deadline = time.monotonic() + cfg.resource_wait_s
+    while True:
+        have = ray.cluster_resources()
+        missing = {k: v for k, v in need.items() if have.get(k, 0.0) < v}
+        if not missing:
+            return
+        if time.monotonic() >= deadline:
+            shown = ", ".join(f"{v:g} {k}" for k, v in missing.items())
+            offered = ", ".join(f"{have.get(k, 0.0):g} {k}" for k in missing)
+            raise RecsysError(f"{cfg.num_workers} workers need {shown} but the cluster offers {offered} "
+                              f"(waited {cfg.resource_wait_s:g} s; use_gpu={cfg.use_gpu}, "
+                              f"resources_per_worker={cfg.resources_per_worker or {}})")
+        log.info("waiting for %s (the cluster has %s)", missing, {k: have.get(k, 0.0) for k in missing})
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+
+
 def fit(cfg: TrainConfig, step_hooks: list[StepHook] | None = None) -> dict:
     """Train (or resume a run of the same name) and return the summary the job prints."""
+    storage.use_endpoint(cfg.s3_endpoint)
     run_plan = plan(cfg)
+    storage.check_writable(cfg.storage_path, "storage_path")
     init_ray()
+    wait_for_resources(cfg)
     t0 = time.perf_counter()
     result = run_trainer(build_trainer(cfg, run_plan, step_hooks=step_hooks))
-    return summary(result, run_plan, time.perf_counter() - t0)
+    return summary(result, run_plan, time.perf_counter() - t0, cfg.storage_path)

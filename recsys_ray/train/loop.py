@@ -138,6 +138,7 @@ class Worker:
     collate: Callable[[list[dict]], dict[str, torch.Tensor]]
     progress: dict = field(default_factory=lambda: {"global_step": 0, "epoch": 0, "step_in_epoch": 0})
     resumed: bool = False
+    shard_rows: int | None = None  # rows of one full pass over this worker's shard (once one ended)
 
 
 def setup_worker(cfg: TrainConfig, run: dict) -> Worker:
@@ -195,10 +196,15 @@ def micro_batches(w: Worker) -> Iterator[list[dict]]:
     shard = ray.train.get_dataset_shard("train")
     chunk = cfg.batch_size * cfg.bucket_batches
     while True:
+        rows_this_pass = 0
         for batch in shard.iter_batches(batch_size=chunk, batch_format="numpy",
                                         local_shuffle_buffer_size=chunk * 4,
                                         local_shuffle_seed=bucket_rng.randrange(1 << 30)):
-            yield from length_buckets(rows_of(batch), cfg.batch_size, bucket_rng, key=w.model.bucket_key)
+            rows = rows_of(batch)
+            rows_this_pass += len(rows)
+            yield from length_buckets(rows, cfg.batch_size, bucket_rng, key=w.model.bucket_key)
+        if w.shard_rows is None:
+            w.shard_rows = rows_this_pass
 
 
 def train_step(w: Worker, stream: Iterator[list[dict]], autocast) -> tuple[list[float], int, int]:
@@ -279,8 +285,20 @@ def train_loop_per_worker(config: dict) -> None:
         save_and_report(w, {"global_step": global_step, "epoch": epoch + 1, "step_in_epoch": 0}, metrics)
 
 
+def worker_records(w: Worker) -> list[dict]:
+    """Where every rank runs and how many rows its shard held (a full pass; None before one
+    ended), gathered from all ranks: the record that the work spread over the nodes."""
+    mine = {"rank": w.rank, "node": ray.get_runtime_context().get_node_id(), "shard_rows": w.shard_rows}
+    if w.world == 1:
+        return [mine]
+    gathered: list[dict] = [None] * w.world  # type: ignore[list-item]
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
+
+
 def save_and_report(w: Worker, state: dict, metrics: dict) -> None:
     """Rank 0 writes the checkpoint directory; every rank reports the same metrics (a barrier)."""
+    workers = worker_records(w)  # a collective: every rank takes part
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if w.rank == 0:
@@ -292,6 +310,7 @@ def save_and_report(w: Worker, state: dict, metrics: dict) -> None:
                 "train_config": to_dict(w.cfg),
                 "data_fingerprint": w.run["data_fingerprint"],
                 "text": w.run["text"],
+                "workers": workers,
             }
             # the catalogue travels in the checkpoint: serving needs nothing but the checkpoint
             write_training_checkpoint(tmp, w.model, w.tokenizer, extra, w.optimizer, w.scheduler, state, w.catalogue)

@@ -404,7 +404,8 @@ def _depth_problems(sweep: SweepConfig) -> list[str]:
 def holds_sweep(path: str) -> bool:
     """Whether ``path`` holds Tune experiment state (what Tuner.restore needs)."""
     try:
-        return bool(Tuner.can_restore(path))
+        target, fs = storage.ray_target(path)
+        return bool(Tuner.can_restore(target, storage_filesystem=fs))
     except Exception:  # an unreachable bucket, a file instead of a folder, ...
         return False
 

@@ -117,7 +117,8 @@ def _curve(df, metric: str) -> tuple[list[tuple[int, float]], dict[int, str]]:
 def collect_trials(path: str, sweep: SweepConfig) -> list[TrialRecord]:
     """Every trial of the sweep stored at ``path``, with its curve and status."""
     try:
-        analysis = ExperimentAnalysis(path)
+        target, fs = storage.ray_target(path)
+        analysis = ExperimentAnalysis(target, storage_filesystem=fs)
     except (ValueError, FileNotFoundError) as exc:
         raise RecsysError(f"{path}: cannot read the sweep's results ({one_line(exc)})") from None
     metric, max_epochs = sweep.tune.metric, sweep.train.epochs
@@ -127,6 +128,7 @@ def collect_trials(path: str, sweep: SweepConfig) -> list[TrialRecord]:
     for trial in analysis.trials:
         params = {k: trial.config[k] for k in keys if k in trial.config}
         curve, ckpts = _curve(analysis.trial_dataframes.get(trial.trial_id), metric)
+        ckpts = {e: storage.uri_of(path, p) for e, p in ckpts.items()}  # Ray reports paths inside its fs
         status = trial.status
         epochs = max((e for e, _ in curve), default=0)
         if status == "ERROR":

@@ -198,7 +198,8 @@ def _asha_refill_callback(scheduler, path: str, metric: str, mode: str):
             if not brackets or len(brackets) != 1:
                 return  # not ASHA, or several brackets (whose trial split is not stored)
             try:
-                frames = ExperimentAnalysis(path).trial_dataframes
+                target, fs = storage.ray_target(path)
+                frames = ExperimentAnalysis(target, storage_filesystem=fs).trial_dataframes
             except Exception:  # a fresh sweep: nothing stored yet
                 return
             sign = 1.0 if mode == "max" else -1.0
@@ -253,7 +254,8 @@ def _tuner(sweep: SweepConfig, concurrency: int, callbacks: list | None, guard=N
         ),
         run_config=tune.RunConfig(
             name=t.name,
-            storage_path=t.storage_path,
+            storage_path=storage.ray_target(t.storage_path)[0],
+            storage_filesystem=storage.ray_target(t.storage_path)[1],
             # Tune adds TensorBoard logging by itself only while TUNE_DISABLE_AUTO_CALLBACK_LOGGERS
             # is unset; the dashboards are part of the job, so ask for it explicitly
             callbacks=[TBXLoggerCallback(), *extra],
@@ -284,8 +286,10 @@ def run_sweep(sweep: SweepConfig, callbacks: list | None = None) -> dict:
     Everything that can be checked without running a trial is checked first (config, space,
     data, results already under the same name). ``callbacks`` are extra Tune callbacks.
     """
+    storage.use_endpoint(sweep.train.s3_endpoint)
     check_sweep(sweep)
     path = sweep.experiment_path
+    storage.check_writable(path, "tune.storage_path")
     if holds_sweep(path):
         raise RecsysError(f"{path} already holds a sweep: continue it with --resume {path}, or pick another tune.name")
     init_ray()
@@ -315,7 +319,9 @@ def resume_sweep(path_or_name: str, storage_path: str | None = None) -> dict:
     t0 = time.perf_counter()
     log.info("resuming sweep %s", path)
     guard = start_guard()
-    tuner = Tuner.restore(path, trainable=_trainable(sweep, guard), resume_unfinished=True, resume_errored=True)
+    target, fs = storage.ray_target(path)
+    tuner = Tuner.restore(target, trainable=_trainable(sweep, guard), resume_unfinished=True, resume_errored=True,
+                          storage_filesystem=fs)
     _fit(tuner, guard)
     summary = write_report(path)
     summary["seconds"] = round(time.perf_counter() - t0, 1)

@@ -1,10 +1,6 @@
 """The preparation job end to end on the session's local Ray."""
 
 import json
-import socket
-import subprocess
-import sys
-import time
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -15,7 +11,7 @@ from recsys_ray.config import build_config
 from recsys_ray.data.config import DataConfig
 from recsys_ray.data.layout import read_split
 from recsys_ray.data.pipeline import prepare
-from recsys_ray.errors import DataError
+from recsys_ray.errors import DataError, RecsysError
 
 ITEMS = "item_id,title,genre\ni1,Alpha,drama\ni2,Beta,comedy\ni3,Gamma,drama\ni4,Delta,horror\ni5,Epsilon,comedy\n"
 # u1: 4 good events (two tied at t=30: i3 came first in the file); u2: 3 good; u3: 2 good (train only)
@@ -144,39 +140,7 @@ def test_bad_input_fails_with_one_clear_line(ray_session, small_log, change, mes
     assert "\n" not in str(info.value)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def s3_server(monkeypatch):
-    """A moto S3 server on 127.0.0.1 (never a real cloud)."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
-    }.items():
-        monkeypatch.setenv(key, value)
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    yield endpoint
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
-def test_logs_and_catalogue_read_from_s3(ray_session, small_log, s3_server):
+def test_logs_read_from_s3_and_the_output_written_to_s3(ray_session, small_log, s3_server):
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=s3_server)
@@ -187,8 +151,20 @@ def test_logs_and_catalogue_read_from_s3(ray_session, small_log, s3_server):
     assert m["counts"]["rows_read"] == 13 and m["counts"]["events_rejected"] == 4
     rejects = pads.dataset(str(small_log / "out" / "rejects")).to_table()
     assert rejects["source_file"][0].as_py() == "s3://logs/day=1/log.csv"
+    # the same preparation into the bucket: every part lands there, nothing on local disk
+    remote = prepare(_cfg(small_log, dataset="s3://logs/day=1/", items="s3://logs/catalogue/items.csv",
+                          output="s3://logs/prepared"))
+    assert remote["output"] == "s3://logs/prepared" and remote["counts"] == m["counts"]
+    assert read_split("s3://logs/prepared", "test").sort_by("user_id").equals(
+        read_split(str(small_log / "out"), "test").sort_by("user_id"))
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="logs", Prefix="prepared/")["Contents"]}
+    assert "prepared/manifest.json" in keys and any(k.startswith("prepared/rejects/") for k in keys)
+    assert sum(remote["ray"]["rows_read_by_node"].values()) == 13
+    assert not (small_log / "s3:").exists()  # never a local folder named after the URI
     with pytest.raises(DataError, match="input not found: s3://logs/nope/"):
         prepare(_cfg(small_log, dataset="s3://logs/nope/", items="s3://logs/catalogue/items.csv"))
+    with pytest.raises(RecsysError, match="output: cannot write s3://no-such-bucket/x: .*(no such bucket|NoSuchBucket)"):
+        prepare(_cfg(small_log, output="s3://no-such-bucket/x"))
 
 
 def test_synthetic_dataset_prepares(ray_session, tmp_path):
