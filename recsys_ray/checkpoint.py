@@ -132,6 +132,18 @@ def best_checkpoint(results: list[tuple[str, dict]]) -> tuple[str, dict] | None:
     return best
 
 
+def locate(path: str) -> str:
+    """The checkpoint a path means, where it is (a URI stays a URI): a checkpoint -> itself; a
+    Ray Train run directory (``storage_path/name``) -> its best kept checkpoint by :data:`SCORE`."""
+    path = str(path)
+    if storage.is_remote(path):
+        snapshot = read_run_snapshot(path)
+        if snapshot is not None and snapshot["checkpoints"]:
+            return storage.join(path, best_checkpoint(snapshot["checkpoints"])[0])
+        return path
+    return resolve(path)
+
+
 def resolve(path: str) -> str:
     """A local checkpoint directory for what a user passed.
 
@@ -141,10 +153,7 @@ def resolve(path: str) -> str:
     """
     path = str(path)
     if storage.is_remote(path):
-        snapshot = read_run_snapshot(path)
-        if snapshot is not None and snapshot["checkpoints"]:
-            path = storage.join(path, best_checkpoint(snapshot["checkpoints"])[0])
-        return storage.local_copy(path, META_FILE, what="checkpoint")
+        return storage.local_copy(locate(path), META_FILE, what="checkpoint")
     p = Path(path)
     if (p / WEIGHTS_FILE).is_file() or not p.is_dir():
         return str(p)

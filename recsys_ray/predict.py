@@ -78,6 +78,7 @@ class Predictor:
             torch.set_num_threads(cfg.torch_threads)
         self.cfg = cfg
         self.device = torch.device(cfg.device)
+        self.origins: dict[str, str] = {}  # role -> the checkpoint loaded (run dirs resolved)
         self.retriever: Retriever | None = self._load(cfg.retriever, "retriever") if cfg.retriever else None
         self.ranker: BertRecommender | None = self._load(cfg.ranker, "ranker") if cfg.ranker else None
         models = [m for m in (self.retriever, self.ranker) if m is not None]
@@ -110,7 +111,10 @@ class Predictor:
         self._prior = self._popularity_prior()
 
     def _load(self, path: str, role: str) -> BertRecommender:
-        return kinds.load_model(checkpoint.resolve(path), map_location=self.device, expect=role)
+        origin = checkpoint.locate(path)  # the checkpoint itself (a URI stays one): what /readyz reports
+        model = kinds.load_model(checkpoint.resolve(origin), map_location=self.device, expect=role)
+        self.origins[role] = origin
+        return model
 
     def _popularity_prior(self) -> np.ndarray | None:
         if not self.cfg.popularity_weight:

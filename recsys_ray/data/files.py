@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from recsys_ray.errors import DataError, one_line
-from recsys_ray.storage import filesystem
+from recsys_ray.storage import describe, filesystem
 
 FORMATS = ("parquet", "csv", "jsonl")
 _EXTENSIONS = {
@@ -62,6 +62,13 @@ def detect_format(path: str, fmt: str = "auto") -> str:
 
 def list_files(uri: str, fmt: str = "auto") -> list[FileRef]:
     """Expand a file, a folder (recursively) or a glob into a sorted list of data files."""
+    try:
+        return _list_files(uri, fmt)
+    except OSError as exc:  # unreachable store, denied access: one line naming the URI
+        raise DataError(describe(exc, uri)) from None
+
+
+def _list_files(uri: str, fmt: str) -> list[FileRef]:
     fs, path = filesystem(uri)
     has_glob = any(c in path for c in "*?[")
     if has_glob:
@@ -157,7 +164,9 @@ def read_columns(ref: FileRef, sample_lines: int = 100) -> list[str]:
         return list(names)
     except DataError:
         raise
-    except (OSError, pa.ArrowInvalid) as exc:
+    except OSError as exc:
+        raise DataError(describe(exc, ref.uri)) from None
+    except pa.ArrowInvalid as exc:
         raise DataError(f"{ref.uri}: cannot read ({one_line(exc)})") from None
 
 

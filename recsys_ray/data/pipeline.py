@@ -244,6 +244,9 @@ def prepare(cfg: DataConfig) -> dict:
     # actors, which costs ~6 s per shuffle here (measured: 0.3 s vs 6 s for 600 rows,
     # 1.1 s vs 7 s for 2M rows on 2 CPUs).
     ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    # Actor pools start every one of their minimum actors before the first block: readers that
+    # come up one by one let the first one read every small file itself, on one node.
+    previous_wait, ctx.wait_for_min_actors_s = ctx.wait_for_min_actors_s, 120
     try:
         src = resolve_source(cfg, out)
         refs = list_files(src.events, src.format)
@@ -258,6 +261,7 @@ def prepare(cfg: DataConfig) -> dict:
         raise
     finally:
         ctx.shuffle_strategy = previous_strategy
+        ctx.wait_for_min_actors_s = previous_wait
     manifest["seconds"] = round(time.perf_counter() - t0, 2)
     storage.write_text(layout.part_path(out, layout.MANIFEST), json.dumps(manifest, indent=2, default=str))
     return manifest
@@ -331,7 +335,9 @@ def _read_validate(inp: Inputs, actors: int):
             "catalogue_ids": inp.catalogue["item_id"].combine_chunks(),
             "batch_rows": 262_144,
         },
-        compute=ActorPoolStrategy(min_size=1, max_size=actors),
+        # one reader per file up to one per CPU, from the start: an autoscaling pool that starts
+        # with one actor lets it read every small file itself, on one node
+        compute=ActorPoolStrategy(min_size=max(1, min(actors, len(inp.refs))), max_size=actors),
         batch_size=1,
         batch_format="pyarrow",
     ).materialize()

@@ -127,7 +127,8 @@ class _ModelReplica:
     def ready(self) -> dict:
         """Answered only once the constructor finished: the checkpoint is loaded."""
         model = self.predictor.retriever if self.kind == "retriever" else self.predictor.ranker
-        return {"kind": self.kind, "checkpoint": self.checkpoint, "loaded_from": str(model.source),
+        return {"kind": self.kind, "checkpoint": self.checkpoint, "resolved": self.predictor.origins[self.kind],
+                "loaded_from": str(model.source),
                 "items": len(self.predictor.items),
                 "device": str(self.predictor.device), "replica": serve.get_replica_context().replica_id.unique_id,
                 **self.batch_config.model_dump()}

@@ -1,0 +1,168 @@
+"""The cluster path end to end: a simulated 3-node cluster with a local S3 server, every job
+submitted with `ray job submit --working-dir .`, data / checkpoints / sweep results / reports in
+the bucket, Serve loading the checkpoint from S3. Assertions read the records the jobs leave (the
+manifest, the checkpoint metadata), not timings. Loopback only; `down` must leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "cluster" / "local-multinode.sh"
+BUCKET = "e2e"
+
+
+def _free_block(n: int = 4) -> int:
+    """A port P with P .. P+n-1 free on 127.0.0.1 (the script derives its ports from P)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n < 65000 and all(_port_free(base + i) for i in range(n)):
+            return base
+    raise RuntimeError("no free port block")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _env_from(exports: str) -> dict[str, str]:
+    env = dict(os.environ)
+    for line in exports.splitlines():
+        if line.startswith("export "):
+            for assignment in line[len("export "):].split():
+                key, _, value = assignment.partition("=")
+                env[key] = value
+        elif line.startswith("unset "):
+            for key in line[len("unset "):].split():
+                env.pop(key, None)
+    env["PATH"] = f"{REPO / '.venv' / 'bin'}:{env['PATH']}"
+    return env
+
+
+def _submit(env: dict, *args: str, timeout: int = 300) -> dict:
+    """`ray job submit --working-dir . -- python jobs/...`; the job's last JSON line."""
+    proc = subprocess.run(["ray", "job", "submit", "--working-dir", ".", "--", "python", *args],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and re.search(r"Job '\S+' succeeded", out), out[-4000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert lines, out[-4000:]
+    return json.loads(lines[-1])
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    port = _free_block()
+    cdir = f"/tmp/rr-e2e-{port}"
+    up = subprocess.run([str(SCRIPT), "up", "--workers", "2", "--s3", "--port", str(port), "--dir", cdir],
+                        capture_output=True, text=True, timeout=240)
+    try:
+        assert up.returncode == 0, up.stderr[-3000:]
+        yield {"env": _env_from(up.stdout), "port": port, "dir": cdir}
+    finally:
+        down = subprocess.run([str(SCRIPT), "down", "--port", str(port), "--dir", cdir],
+                              capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0, down.stderr[-2000:]
+        # nothing of it is left: no process names its dir, the S3 server and the head are gone
+        left = subprocess.run(["pgrep", "-f", cdir], capture_output=True, text=True).stdout.split()
+        assert not left, left
+        assert _port_free(port) and _port_free(port + 3) and not Path(cdir).exists()
+
+
+@pytest.mark.slow
+def test_jobs_on_a_three_node_cluster_with_s3(cluster, tmp_path):
+    import boto3
+
+    from recsys_ray.data.config import SyntheticConfig
+    from recsys_ray.data.synthetic import write_synthetic
+
+    env = cluster["env"]
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                      aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    s3.create_bucket(Bucket=BUCKET)
+    # a synthetic log of many parquet files (and a catalogue, and user profiles) in the bucket
+    write_synthetic(SyntheticConfig(num_users=192, num_items=150, num_events=4000, shard_users=24), 0, tmp_path / "src")
+    for path in (tmp_path / "src").rglob("*.parquet"):
+        s3.upload_file(str(path), BUCKET, f"logs/{path.relative_to(tmp_path / 'src')}")
+
+    prep = _submit(env, "jobs/prepare_data.py", "--dataset", f"s3://{BUCKET}/logs/events/",
+                   "--set", f"items=s3://{BUCKET}/logs/items.parquet", "--set", f"users=s3://{BUCKET}/logs/users/",
+                   "--set", "columns.event=event", "--set", "item_text_columns=[title, description]",
+                   "--set", "user_profile_columns=[age, country]", "--output", f"s3://{BUCKET}/prepared")
+    assert prep["output"] == f"s3://{BUCKET}/prepared" and prep["rows_read"] == 4000 and prep["users"] == 192
+    manifest = json.loads(s3.get_object(Bucket=BUCKET, Key="prepared/manifest.json")["Body"].read())
+    by_node = manifest["ray"]["rows_read_by_node"]
+    assert manifest["ray"]["nodes"] == 3 and len(by_node) > 1 and sum(by_node.values()) == 4000, by_node
+
+    train = _submit(env, "jobs/train.py", "--config", "configs/cluster-cpu.yaml",
+                    "--set", f"data=s3://{BUCKET}/prepared", "--set", f"storage_path=s3://{BUCKET}/runs")
+    best = train["best_checkpoint"]
+    assert best.startswith(f"s3://{BUCKET}/runs/cluster-cpu/checkpoint_"), train
+    key = best.removeprefix(f"s3://{BUCKET}/")
+    files = {o["Key"].rsplit("/", 1)[-1] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=key + "/")["Contents"]}
+    assert {"model.safetensors", "train_state.safetensors", "recsys_ray.json", "items.parquet"} <= files
+    assert not any(f.endswith((".pkl", ".pt", ".bin")) for f in files)
+    workers = json.loads(s3.get_object(Bucket=BUCKET, Key=f"{key}/recsys_ray.json")["Body"].read())["extra"]["workers"]
+    assert len({w["node"] for w in workers}) == 2, workers  # SPREAD: two workers, two nodes
+    assert sum(w["shard_rows"] for w in workers) == 192, workers  # disjoint shards covering the split
+
+    sweep = _submit(env, "jobs/tune.py", "--config", "configs/tune-tiny.yaml",
+                    "--set", f"train.data=s3://{BUCKET}/prepared", "--set", f"tune.storage_path=s3://{BUCKET}/tune",
+                    "--set", "tune.num_samples=1", "--set", "tune.scheduler=fifo", "--set", "train.epochs=1",
+                    "--set", "train.max_steps_per_epoch=5")
+    assert sweep["trials"]["completed"] == 1 and sweep["report"] == f"s3://{BUCKET}/tune/tune-tiny/report/report.md"
+    s3.head_object(Bucket=BUCKET, Key="tune/tune-tiny/report/report.md")
+
+    evaluation = _submit(env, "jobs/evaluate.py", "--data", f"s3://{BUCKET}/prepared",
+                         "--checkpoint", f"s3://{BUCKET}/runs/cluster-cpu", "--output", f"s3://{BUCKET}/eval",
+                         "--max-users", "64")
+    assert evaluation["report"] == f"s3://{BUCKET}/eval/report.md" and "retriever" in evaluation["headline"]
+    s3.head_object(Bucket=BUCKET, Key="eval/metrics.json")
+
+    # Serve on the cluster, the checkpoint loaded from S3 by each replica
+    config = yaml.safe_load((REPO / "serve_configs" / "local.yaml").read_text())
+    http_port = _free_block(1)
+    config["http_options"]["port"] = http_port
+    app = config["applications"][0]
+    app["args"].update(checkpoint=f"s3://{BUCKET}/runs/cluster-cpu", popularity_weight=0.0)
+    for d in app["deployments"]:
+        if d["name"] == "Retriever":
+            d.update(num_replicas=2, ray_actor_options={"num_cpus": 0.25})
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    dashboard = env["RAY_API_SERVER_ADDRESS"]
+    deploy = subprocess.run(["serve", "deploy", str(tmp_path / "serve.yaml"), "-a", dashboard],
+                            capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
+    assert deploy.returncode == 0, deploy.stderr[-2000:]
+    try:
+        deadline, ready = time.monotonic() + 180, None
+        while time.monotonic() < deadline:
+            try:
+                ready = requests.get(f"http://127.0.0.1:{http_port}/readyz", timeout=5)
+                if ready.status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(2)
+        assert ready is not None and ready.status_code == 200, ready.text if ready is not None else "no answer"
+        info = ready.json()["models"]["retriever"]
+        assert info["checkpoint"] == f"s3://{BUCKET}/runs/cluster-cpu" and info["resolved"] == best, info
+        rec = requests.post(f"http://127.0.0.1:{http_port}/v1/recommend", timeout=30,
+                            json={"user": {"history": ["i1", "i2"]}, "k": 3})
+        assert rec.status_code == 200 and len(rec.json()["items"]) == 3, rec.text
+    finally:
+        subprocess.run(["serve", "shutdown", "-a", dashboard, "-y"], capture_output=True, env=env, timeout=120)
+    shutil.rmtree(tmp_path / "src", ignore_errors=True)
