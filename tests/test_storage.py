@@ -40,3 +40,41 @@ def test_local_copy_refuses_a_folder_without_its_marker(tmp_path, monkeypatch):
     monkeypatch.setenv("RECSYS_RAY_CACHE", str(tmp_path / "cache"))
     with pytest.raises(RecsysError, match="no such folder"):
         storage.local_copy(f"file://{tmp_path}/missing", "config.json")
+
+
+def test_storage_errors_become_one_line_naming_the_uri(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    refused = OSError("When getting information for key 'k' in bucket 'b': AWS Error NETWORK_CONNECTION during "
+                      "HeadObject operation: curlCode: 7, Could not connect to server; Details: Failed to connect")
+    assert storage.describe(refused, "s3://b/k") == \
+        "s3://b/k: cannot reach the S3 endpoint http://127.0.0.1:1 (Failed to connect)"
+    denied = OSError("AWS Error ACCESS_DENIED during HeadObject operation: No response body.")
+    assert storage.describe(denied, "s3://b/k").startswith("s3://b/k: access denied: check the AWS credentials")
+    missing = OSError("Bucket 'nope' not found. To create buckets, enable the allow_bucket_creation option.")
+    assert storage.describe(missing, "s3://nope/x") == "s3://nope/x: no such bucket (create it first)"
+    with pytest.raises(RecsysError, match=r"^s3://b/k: cannot reach the S3 endpoint http://127.0.0.1:1"):
+        storage.info("s3://b/k")  # a refused endpoint fails at once, not after retries for minutes
+
+
+def test_a_path_that_cannot_be_written_fails_before_any_work(tmp_path):
+    storage.check_writable(str(tmp_path / "new" / "dir"), "output")
+    assert (tmp_path / "new" / "dir").is_dir() and not list((tmp_path / "new" / "dir").iterdir())
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RecsysError, match=r"^output: cannot write .*file/sub"):
+        storage.check_writable(str(tmp_path / "file" / "sub"), "output")
+
+
+def test_only_non_secret_settings_reach_the_workers(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "never-passed")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "never-passed-either")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    storage.use_endpoint("http://127.0.0.1:9000")
+    env = storage.worker_env()
+    assert env["AWS_ENDPOINT_URL_S3"] == "http://127.0.0.1:9000"
+    assert not any("never-passed" in v for v in env.values()) and set(env) <= set(storage.WORKER_ENV)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    path, fs = storage.ray_target("s3://bucket/runs")
+    assert path == "bucket/runs" and isinstance(fs, pafs.S3FileSystem)
+    assert storage.ray_target("rel/x")[1] is None and storage.ray_target("rel/x")[0].startswith("/")
+    assert storage.uri_of("s3://bucket/runs", "bucket/runs/x/checkpoint_1") == "s3://bucket/runs/x/checkpoint_1"
+    assert storage.uri_of("/local/runs", "/local/runs/x") == "/local/runs/x"

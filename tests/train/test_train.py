@@ -226,3 +226,14 @@ def test_a_failed_run_resumes_from_its_checkpoint_and_ends_at_the_same_step(syn_
     (latest / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(RecsysError, match="unreadable safetensors"):
         fit(_cfg(syn_data, tmp_path, epochs=4, max_steps_per_epoch=10, name="ft"))
+
+
+def test_missing_resources_end_the_job_instead_of_waiting_forever(syn_data, tmp_path, ray_session):
+    from recsys_ray.train.driver import wait_for_resources
+
+    with pytest.raises(RecsysError, match=r"2 workers need 2 GPU but the cluster offers 0 GPU \(waited 0 s"):
+        wait_for_resources(_cfg(syn_data, tmp_path, use_gpu=True, resource_wait_s=0))
+    wait_for_resources(_cfg(syn_data, tmp_path, resource_wait_s=0))  # 2 CPUs: there
+    with pytest.raises(RecsysError, match="storage_path: cannot write"):
+        (tmp_path / "a_file").write_text("x")
+        fit(_cfg(syn_data, tmp_path, storage_path=str(tmp_path / "a_file" / "runs")))
