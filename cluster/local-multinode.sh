@@ -393,7 +393,7 @@ cmd_down() {
         is_alive "$pid" && kill -TERM "$pid" 2>/dev/null || true
 
         # `ray start --block` stops its node's processes on SIGTERM; give it time, then force.
-        deadline=$((SECONDS + 20))
+        deadline=$((SECONDS + 8))
         local left
         while :; do
             left=""

@@ -13,6 +13,7 @@ copied once into a local cache (``$RECSYS_RAY_CACHE``, default ``~/.cache/recsys
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -110,8 +111,25 @@ def describe(exc: BaseException, uri: str) -> str:
     return f"{where} {text}"
 
 
+def job_scratch_dir() -> Path | None:
+    """The working directory Ray unpacked this job into (``ray job submit --working-dir``), or
+    None: a folder Ray owns and deletes when it evicts the package, so nothing may be kept there."""
+    cwd = Path.cwd().resolve()
+    parts = cwd.parts
+    for i in range(len(parts) - 1):
+        if parts[i] == "runtime_resources" and parts[i + 1] == "working_dir_files":
+            return Path(*parts[: i + 3]) if len(parts) > i + 2 else cwd
+    return None
+
+
 def check_writable(uri: str, what: str) -> None:
-    """Fail now, with the reason, if ``uri`` cannot be written (a probe file written and removed)."""
+    """Fail now, with the reason, if ``uri`` cannot be written (a probe file written and removed)
+    or would not outlive the job (a local path inside the job's Ray-managed working dir)."""
+    scratch = None if is_remote(uri) else job_scratch_dir()
+    if scratch is not None and Path(uri).expanduser().resolve().is_relative_to(scratch):
+        raise RecsysError(
+            f"{what}: {uri} is inside this Ray job's working dir ({scratch}), which Ray deletes after "
+            "the job: give an s3:// URI or an absolute path every node can reach")
     fs, path = filesystem(uri)
     probe = f"{path.rstrip('/')}/.recsys_ray_write_probe"
     try:
@@ -133,13 +151,20 @@ def absolute(path: str) -> str:
     return str(path) if is_remote(path) else str(Path(path).expanduser().resolve())
 
 
+@contextlib.contextmanager
+def named_errors(uri: str):
+    """Storage errors inside the block become one RecsysError line naming ``uri`` (:func:`describe`)."""
+    try:
+        yield
+    except OSError as exc:
+        raise RecsysError(describe(exc, uri)) from None
+
+
 def info(uri: str) -> pafs.FileInfo:
     """What is at ``uri`` (``type`` NotFound / File / Directory); storage errors in one line."""
     fs, p = filesystem(uri)
-    try:
+    with named_errors(uri):
         return fs.get_file_info(p)
-    except OSError as exc:
-        raise RecsysError(describe(exc, uri)) from None
 
 
 def is_dir(uri: str) -> bool:
@@ -151,65 +176,53 @@ def read_text(uri: str) -> str | None:
     if info(uri).type != pafs.FileType.File:
         return None
     fs, p = filesystem(uri)
-    try:
-        with fs.open_input_stream(p) as f:
-            return f.read().decode("utf-8")
-    except OSError as exc:
-        raise RecsysError(describe(exc, uri)) from None
+    with named_errors(uri), fs.open_input_stream(p) as f:
+        return f.read().decode("utf-8")
 
 
 def write_text(uri: str, text: str) -> None:
     """Write a small text file, creating its folder."""
     fs, p = filesystem(uri)
-    try:
+    with named_errors(uri):
         fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
         with fs.open_output_stream(p) as f:
             f.write(text.encode("utf-8"))
-    except OSError as exc:
-        raise RecsysError(describe(exc, uri)) from None
 
 
 def write_parquet(table, uri: str) -> None:
     """One parquet file at ``uri`` (local or remote), its folder created."""
     fs, p = filesystem(uri)
-    try:
+    with named_errors(uri):
         fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
         pq.write_table(table, p, filesystem=fs)
-    except OSError as exc:
-        raise RecsysError(describe(exc, uri)) from None
 
 
 def is_empty_dir(uri: str) -> bool:
     """Whether ``uri`` is missing or a folder without entries."""
     fs, p = filesystem(uri)
-    try:
+    with named_errors(uri):
         if fs.get_file_info(p).type == pafs.FileType.NotFound:
             return True
         return not fs.get_file_info(pafs.FileSelector(p, recursive=False, allow_not_found=True))
-    except OSError as exc:
-        raise RecsysError(describe(exc, uri)) from None
 
 
 def upload_dir(local: str | Path, uri: str) -> None:
     """Copy a local folder's files to ``uri`` (local or remote), replacing same-named files."""
     fs, p = filesystem(uri)
-    try:
+    with named_errors(uri):
         fs.create_dir(p, recursive=True)
         pafs.copy_files(str(local), p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    except OSError as exc:
-        raise RecsysError(describe(exc, uri)) from None
 
 
 def delete_dir(uri: str) -> None:
     """Remove a folder (local or a prefix in a bucket) if it exists."""
     fs, p = filesystem(uri)
-    try:
-        if fs.get_file_info(p).type == pafs.FileType.Directory:
+    with named_errors(uri):
+        kind = fs.get_file_info(p).type
+        if kind == pafs.FileType.Directory:
             fs.delete_dir(p)
-        elif fs.get_file_info(p).type == pafs.FileType.File:
+        elif kind == pafs.FileType.File:
             fs.delete_file(p)
-    except OSError as exc:
-        raise RecsysError(describe(exc, uri)) from None
 
 
 def cache_root() -> Path:

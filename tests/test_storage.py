@@ -50,6 +50,9 @@ def test_storage_errors_become_one_line_naming_the_uri(monkeypatch):
         "s3://b/k: cannot reach the S3 endpoint http://127.0.0.1:1 (Failed to connect)"
     denied = OSError("AWS Error ACCESS_DENIED during HeadObject operation: No response body.")
     assert storage.describe(denied, "s3://b/k").startswith("s3://b/k: access denied: check the AWS credentials")
+    for wrong in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):  # what real S3 says to a wrong key / secret
+        err = OSError(f"AWS Error UNKNOWN (HTTP status 403) during ListObjectsV2 operation: {wrong}: the key ...")
+        assert storage.describe(err, "s3://b/k").startswith("s3://b/k: access denied: check the AWS credentials")
     missing = OSError("Bucket 'nope' not found. To create buckets, enable the allow_bucket_creation option.")
     assert storage.describe(missing, "s3://nope/x") == "s3://nope/x: no such bucket (create it first)"
     with pytest.raises(RecsysError, match=r"^s3://b/k: cannot reach the S3 endpoint http://127.0.0.1:1"):
@@ -62,6 +65,21 @@ def test_a_path_that_cannot_be_written_fails_before_any_work(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(RecsysError, match=r"^output: cannot write .*file/sub"):
         storage.check_writable(str(tmp_path / "file" / "sub"), "output")
+
+
+def test_an_output_inside_a_ray_jobs_working_dir_is_refused(tmp_path, monkeypatch):
+    # what `ray job submit --working-dir .` runs in: a package Ray unpacked and deletes later
+    job_dir = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    job_dir.mkdir(parents=True)
+    monkeypatch.chdir(job_dir)
+    assert storage.job_scratch_dir() == job_dir
+    with pytest.raises(RecsysError, match=r"^storage_path: artifacts/runs is inside this Ray job's working dir .*s3://"):
+        storage.check_writable("artifacts/runs", "storage_path")
+    assert not (job_dir / "artifacts").exists()
+    storage.check_writable(str(tmp_path / "kept"), "storage_path")  # outside it: fine
+    monkeypatch.chdir(tmp_path)
+    assert storage.job_scratch_dir() is None
+    storage.check_writable("artifacts/runs", "storage_path")
 
 
 def test_only_non_secret_settings_reach_the_workers(monkeypatch):

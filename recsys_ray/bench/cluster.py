@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
+from recsys_ray.bench.common import publish, work_dir
 from recsys_ray.bench.data import generate
 from recsys_ray.data import layout
 from recsys_ray.errors import RecsysError
@@ -170,7 +171,10 @@ def results_markdown(res: dict) -> str:
 
 def run_bench_cluster(cfg: BenchClusterConfig, command: str = "") -> dict:
     """Every point above; OUTPUT/results.json + results.md; returns the job's summary."""
-    out = Path(cfg.output).resolve()
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # set by Ray for a submitted job's driver
+        raise RecsysError("jobs/bench_cluster.py starts its own clusters on this machine and submits to them: "
+                          "run it with python, not under ray job submit")
+    out = work_dir(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     source = generate(cfg.events, out / "logs", cfg.seed)
     data = [data_point(cfg, source, out / f"prepared-{n}n", n) for n in cfg.nodes]
@@ -181,4 +185,4 @@ def run_bench_cluster(cfg: BenchClusterConfig, command: str = "") -> dict:
                       "train_2w_over_1w": train["2w"]["samples_per_s"] / train["1w"]["samples_per_s"]}}
     (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
     (out / "results.md").write_text(results_markdown(res))
-    return {"output": str(out), "ratios": {k: round(v, 3) for k, v in res["ratios"].items()}}
+    return {"output": publish(cfg.output, out), "ratios": {k: round(v, 3) for k, v in res["ratios"].items()}}

@@ -1,11 +1,16 @@
-"""What the benchmarks share: how busy the machine is, and removing a run's scratch storage."""
+"""What the benchmarks share: how busy the machine is, where results go, and removing a run's
+scratch storage."""
 
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+import tempfile
 import time
+from pathlib import Path
+
+from recsys_ray import storage
 
 log = logging.getLogger(__name__)
 
@@ -36,3 +41,27 @@ def remove_tree(path: str, tries: int = 10) -> None:
             return
         time.sleep(0.5)
     log.warning("could not remove %s", path)
+
+
+RESULTS = ("results.json", "results.md")
+
+
+def work_dir(output: str) -> Path:
+    """The local folder a benchmark works and writes in: ``output`` itself (checked writable now,
+    and refused inside a Ray job's temporary working dir), or for an ``s3://`` output a local
+    scratch folder whose results :func:`publish` uploads."""
+    storage.check_writable(output, "output")
+    if storage.is_remote(output):
+        return Path(tempfile.mkdtemp(prefix="recsys_ray_bench_"))
+    return Path(output).expanduser().resolve()
+
+
+def publish(output: str, work: Path) -> str:
+    """Upload the results in ``work`` to a remote ``output`` (local: already there); where they are."""
+    if not storage.is_remote(output):
+        return str(work)
+    for name in RESULTS:
+        if (work / name).exists():
+            storage.write_text(storage.join(output, name), (work / name).read_text())
+    remove_tree(str(work))
+    return output.rstrip("/")

@@ -24,6 +24,7 @@ from typing import ClassVar
 
 import ray
 
+from recsys_ray.bench.common import publish, work_dir
 from recsys_ray.bench.data_reference import prepare_pandas
 from recsys_ray.config import build_config
 from recsys_ray.data.config import DataConfig, SyntheticConfig
@@ -122,7 +123,7 @@ def results_markdown(rows: list[dict]) -> str:
 
 def run_bench_data(cfg: BenchDataConfig) -> dict:
     """Every size: generate, Ray pipeline, pandas pipeline; OUTPUT/results.json + results.md."""
-    out = Path(cfg.output).resolve()
+    out = work_dir(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for size in cfg.sizes:
@@ -138,7 +139,7 @@ def run_bench_data(cfg: BenchDataConfig) -> dict:
     md = results_markdown(rows)
     (out / "results.md").write_text(md)
     print(md, file=sys.stderr)
-    return {"output": str(out), "runs": rows}
+    return {"output": publish(cfg.output, out), "runs": rows}
 
 
 def main() -> None:

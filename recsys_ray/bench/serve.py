@@ -59,7 +59,7 @@ import torch
 import yaml
 from ray import serve
 
-from recsys_ray.bench.common import busy_cpus
+from recsys_ray.bench.common import busy_cpus, publish, work_dir
 from recsys_ray.checkpoint import resolve
 from recsys_ray.config import build_config, to_dict
 from recsys_ray.data import layout
@@ -741,7 +741,7 @@ def run_bench_serve(cfg: BenchServeConfig, command: str = "") -> dict:
         raise RecsysError("--gpu: no CUDA GPU is visible to this process")
     if not layout.is_prepared(cfg.data) or not layout.has_part(cfg.data, layout.SEQUENCES):
         raise RecsysError(f"{cfg.data}: not a prepared data directory (run jobs/prepare_data.py)")
-    out_dir = Path(cfg.output).resolve()
+    out_dir = work_dir(cfg.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     busy = busy_cpus()
     load_before = os.getloadavg()
@@ -804,7 +804,7 @@ def run_bench_serve(cfg: BenchServeConfig, command: str = "") -> dict:
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (out_dir / "results.md").write_text(results_markdown(results))
-    return {"output": str(out_dir), "ratios": ratios, "offline_pairs_per_s": offline["best_pairs_per_s"],
+    return {"output": publish(cfg.output, out_dir), "ratios": ratios, "offline_pairs_per_s": offline["best_pairs_per_s"],
             "serve_best_rps": best_serve["rps"], "recommend_p99_ms": served["recommend"]["p99_ms"],
             "wall_s": results["wall_s"]}
 

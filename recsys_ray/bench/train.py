@@ -40,14 +40,13 @@ import os
 import random
 import tempfile
 import time
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import ray
 import torch
 import torch.nn.functional as F
 
-from recsys_ray.bench.common import busy_cpus, remove_tree
+from recsys_ray.bench.common import busy_cpus, publish, remove_tree, work_dir
 from recsys_ray.config import build_config, to_dict
 from recsys_ray.data import layout
 from recsys_ray.data.catalogue import Catalogue
@@ -444,7 +443,7 @@ def run_benchmark(cfg: BenchConfig, command: str = "") -> dict:
     """Run every measurement, write OUTPUT/results.json + results.md, return the job's summary."""
     if cfg.gpu and not torch.cuda.is_available():
         raise RecsysError("--gpu: no CUDA GPU is visible to this process (torch.cuda.is_available() is False)")
-    out = Path(cfg.output).resolve()
+    out = work_dir(cfg.output)
     busy_before = busy_cpus()  # other work on the machine skews every number below
     device = _device(cfg)
     tc = train_config(cfg, 1, str(out / "runs"), "plain")  # the plain loop never writes there
@@ -484,9 +483,10 @@ def run_benchmark(cfg: BenchConfig, command: str = "") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(render_markdown(results))
+    where = publish(cfg.output, out)
     return {
-        "output": str(out),
-        "results": str(out / "results.json"),
+        "output": where,
+        "results": f"{where}/results.json",
         "samples_per_s": {k: round(v["samples_per_s"], 2) for k, v in runs.items()},
         "ratios": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in ratios.items()},
         "skipped": skipped,

@@ -193,12 +193,12 @@ def output_root(output: str) -> str:
 def _prepare_output(out: str) -> None:
     """An empty or earlier-prepared folder, its old parts removed; anything else is refused.
     Written to once first, so a path the job cannot write fails now, with the reason."""
+    storage.check_writable(out, "output")
     if not storage.is_empty_dir(out):
         if storage.read_text(layout.part_path(out, layout.MANIFEST)) is None and not layout.has_part(out, layout.SOURCE):
             raise DataError(f"output {out} is not empty and holds no {layout.MANIFEST}; refusing to overwrite it")
         for part in layout.PARTS:
             storage.delete_dir(layout.part_path(out, part))
-    storage.check_writable(out, "output")
 
 
 def _fingerprint(cfg: DataConfig, src: Source, refs: list[FileRef], tok: dict) -> str:

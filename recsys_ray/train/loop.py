@@ -197,14 +197,18 @@ def micro_batches(w: Worker) -> Iterator[list[dict]]:
     chunk = cfg.batch_size * cfg.bucket_batches
     while True:
         rows_this_pass = 0
-        for batch in shard.iter_batches(batch_size=chunk, batch_format="numpy",
-                                        local_shuffle_buffer_size=chunk * 4,
-                                        local_shuffle_seed=bucket_rng.randrange(1 << 30)):
+        batches = iter(shard.iter_batches(batch_size=chunk, batch_format="numpy",
+                                          local_shuffle_buffer_size=chunk * 4,
+                                          local_shuffle_seed=bucket_rng.randrange(1 << 30)))
+        batch = next(batches, None)
+        while batch is not None:
+            following = next(batches, None)  # one chunk ahead: the pass's end is known before its last rows train
             rows = rows_of(batch)
             rows_this_pass += len(rows)
+            if following is None and w.shard_rows is None:
+                w.shard_rows = rows_this_pass
             yield from length_buckets(rows, cfg.batch_size, bucket_rng, key=w.model.bucket_key)
-        if w.shard_rows is None:
-            w.shard_rows = rows_this_pass
+            batch = following
 
 
 def train_step(w: Worker, stream: Iterator[list[dict]], autocast) -> tuple[list[float], int, int]:
@@ -286,8 +290,9 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def worker_records(w: Worker) -> list[dict]:
-    """Where every rank runs and how many rows its shard held (a full pass; None before one
-    ended), gathered from all ranks: the record that the work spread over the nodes."""
+    """Where every rank runs and how many rows its shard held (a full pass; None until the last
+    chunk of the first pass was read), gathered from all ranks: the record that the work spread
+    over the nodes."""
     mine = {"rank": w.rank, "node": ray.get_runtime_context().get_node_id(), "shard_rows": w.shard_rows}
     if w.world == 1:
         return [mine]

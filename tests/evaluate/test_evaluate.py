@@ -7,12 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import boto3
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from recsys_ray import storage
 from recsys_ray.checkpoint import resolve
 from recsys_ray.data.catalogue import Catalogue
 from recsys_ray.data.layout import read_manifest
@@ -193,30 +195,35 @@ def test_predictor_refuses_a_checkpoint_of_the_wrong_kind(tiny_models):
 # --- the job end to end --------------------------------------------------------------------------
 
 
-def test_evaluate_writes_metrics_report_and_plots_for_every_model(ray_session, syn_data, tiny_models, tmp_path):
-    out = tmp_path / "eval"
-    settings = EvalSettings(data=syn_data, checkpoints=[tiny_models["retriever"], tiny_models["retriever2"]],
-                            rankers=[tiny_models["ranker"]], output=str(out), rerank_top=10, sampled=True,
+def test_evaluate_writes_metrics_report_and_plots_for_every_model(ray_session, syn_data, tiny_models, tmp_path, s3_server):
+    # data, one checkpoint and the output on S3 (the local test server), the rest local
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="evaluate")
+    storage.upload_dir(syn_data, "s3://evaluate/data")
+    storage.upload_dir(tiny_models["retriever"], "s3://evaluate/retriever")
+    out = "s3://evaluate/eval"
+    settings = EvalSettings(data="s3://evaluate/data", checkpoints=["s3://evaluate/retriever", tiny_models["retriever2"]],
+                            rankers=[tiny_models["ranker"]], output=out, rerank_top=10, sampled=True,
                             max_users=40, batch_size=16, actors=1)
     res = evaluate(settings)
+    assert res["summary"]["report"] == f"{out}/report.md"
     result = res["result"]
     names = set(result["models"])
     assert {"popularity", "EASE", "retriever", "retriever+prior", "two-stage",
             "retriever (sampled)", "ranker (sampled)"} <= names
     assert result["models"]["retriever"]["seeds"] == 2
     assert result["models"]["retriever (sampled)"]["protocol"] == "sampled_1+99"
-    report = (out / "report.md").read_text()
+    report = storage.read_text(f"{out}/report.md")
     for name in names:
         assert f"| {name} |" in report
     for png in ("ndcg_at_k.png", "hr_at_k.png", "headline.png"):
-        assert (out / png).stat().st_size > 5000
-    saved = json.loads((out / "metrics.json").read_text())
+        assert storage.info(f"{out}/{png}").size > 5000
+    saved = json.loads(storage.read_text(f"{out}/metrics.json"))
     assert saved["num_users"] == 40
     # a retrieval miss stays a miss: two-stage HR@N can never beat the retriever's recall@N
     recall = result["models"]["two-stage"]["retriever_recall@N"]["mean"]
     assert result["models"]["two-stage"]["mean"]["hr@10"] <= recall + 1e-9
     # separate runs (one job per seed) merge into one report: model rows add up, baselines stay once
-    merged = merge_results([str(out / "metrics.json")] * 2, str(tmp_path / "merged"))["result"]
+    merged = merge_results([f"{out}/metrics.json"] * 2, str(tmp_path / "merged"))["result"]
     assert merged["models"]["retriever"]["seeds"] == 4 and merged["models"]["EASE"]["seeds"] == 1
     assert merged["models"]["retriever"]["mean"]["ndcg@10"] == pytest.approx(result["models"]["retriever"]["mean"]["ndcg@10"])
     assert "| two-stage |" in (tmp_path / "merged" / "report.md").read_text()

@@ -7,7 +7,9 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pyarrow.dataset as pads
 import pytest
 import ray
@@ -23,11 +25,31 @@ from recsys_ray.model.config import ModelConfig
 from recsys_ray.model.kinds import from_config, load_model
 from recsys_ray.model.tokenizer import load_tokenizer, special_ids
 from recsys_ray.train.config import load_train_config
-from recsys_ray.train.driver import fit, plan
-from recsys_ray.train.loop import ScoreStep, validate
+from recsys_ray.train.driver import fit, plan, wait_for_resources
+from recsys_ray.train.loop import ScoreStep, micro_batches, validate
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+def test_a_workers_shard_size_is_known_when_its_first_pass_is_used_up(monkeypatch):
+    """An epoch is exactly the micro-batches of one pass, so the shard's size (the record that
+    the workers' shards are disjoint and cover the split) must be known by the pass's last step,
+    not only when the next pass starts."""
+    class Shard:
+        def iter_batches(self, batch_size, **_):
+            ids = np.arange(40)
+            for i in range(0, 40, batch_size):
+                yield {"context": [[1] * (1 + j % 5) for j in ids[i:i + batch_size]], "id": ids[i:i + batch_size]}
+
+    monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: Shard())
+    w = SimpleNamespace(cfg=SimpleNamespace(batch_size=4, bucket_batches=3, seed=0), rank=0,
+                        model=SimpleNamespace(bucket_key="context"), shard_rows=None)
+    stream = micro_batches(w)
+    first_pass = [next(stream) for _ in range(3 * 3 + 1)]  # chunks of 12, 12, 12, 4 rows -> 3+3+3+1 batches
+    assert w.shard_rows == 40 and sum(len(b) for b in first_pass) == 40
+    next(stream)  # the second pass does not count again
+    assert w.shard_rows == 40
 
 
 def _cfg(data: str, tmp: Path, **over) -> object:
@@ -229,8 +251,6 @@ def test_a_failed_run_resumes_from_its_checkpoint_and_ends_at_the_same_step(syn_
 
 
 def test_missing_resources_end_the_job_instead_of_waiting_forever(syn_data, tmp_path, ray_session):
-    from recsys_ray.train.driver import wait_for_resources
-
     with pytest.raises(RecsysError, match=r"2 workers need 2 GPU but the cluster offers 0 GPU \(waited 0 s"):
         wait_for_resources(_cfg(syn_data, tmp_path, use_gpu=True, resource_wait_s=0))
     wait_for_resources(_cfg(syn_data, tmp_path, resource_wait_s=0))  # 2 CPUs: there
