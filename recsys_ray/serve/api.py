@@ -4,14 +4,29 @@ The same :func:`create_api` routes run inside Ray Serve (``recsys_ray.serve.app`
 benchmark's plain one-process server (``recsys_ray.bench.serve_plain``). Bad requests are 4xx
 (422 bad fields / unknown ids, 413 too many candidates or too big a body), overload is 503 with
 ``Retry-After``, never a 500.
+
+Bodies are parsed strictly (:func:`parse_json_body`): UTF-8 only, standard JSON only (no
+``NaN`` / ``Infinity``, no number that overflows to infinity), bounded nesting, no unpaired
+surrogate in a string. What passes can always be rendered back (an error that echoes an id must
+not itself fail), and every validation error is rendered without echoing its input
+(:func:`validation_body`): FastAPI's default handler echoes it, and an input such as ``inf`` or
+raw bytes then failed to render and became a 500.
 """
 
 
 import collections
+import hashlib
+import hmac
+import json
+import os
+import re
+from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -23,7 +38,7 @@ from pydantic import (
     model_validator,
 )
 
-from recsys_ray.errors import UnknownItems
+from recsys_ray.errors import ConfigError, UnknownItems
 from recsys_ray.predict import MAX_TEXT_TOKENS
 
 BATCH_HEADER = "X-Batch-Size"  # how many requests the replica merged into this one's batch
@@ -52,6 +67,8 @@ class AppArgs(BaseModel):
     popularity_weight: float = Field(0.0, ge=0.0, description="retriever popularity prior beta")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per model replica (default: torch's)")
     s3_endpoint: str | None = Field(None, description="S3-compatible store for s3:// checkpoints (default: AWS_ENDPOINT_URL(_S3), else AWS)")
+    api_keys_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="name of an environment variable (on the ingress replicas' nodes) holding the accepted API keys, comma or whitespace separated; with it or api_keys_file every route but /healthz needs a key")
+    api_keys_file: str | None = Field(None, description="a file on the ingress replicas' nodes (e.g. a mounted Kubernetes secret) with the accepted API keys, one per line; read at replica start")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +137,106 @@ class RecommendResponse(BaseModel):
     items: list[RecommendedItem]
 
 
+# ---------------------------------------------------------------------------------------------
+# strict request bodies and renderable errors
+
+MAX_JSON_DEPTH = 32  # nesting levels a body may have (ours need 4)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _bad_json(message: str, doc: str = "", pos: int = 0) -> json.JSONDecodeError:
+    err = json.JSONDecodeError(message, doc, pos)
+    err.msg = message  # shown as the reason (FastAPI puts .msg in the 422's ctx.error)
+    return err
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise _bad_json(f"number {text[:40]} is out of range (JSON numbers here must be finite)")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > 40:
+        raise _bad_json(f"integer with {len(text)} digits is out of range")
+    return int(text)
+
+
+def _non_standard(token: str) -> float:
+    raise _bad_json(f"{token} is not standard JSON (numbers must be finite)")
+
+
+def _check_tree(value: Any, depth: int = 0) -> None:
+    """Depth and string checks over a parsed body (iterative enough: depth is bounded first)."""
+    if depth > MAX_JSON_DEPTH:
+        raise _bad_json(f"body nested deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(value, str):
+        if _SURROGATE.search(value):
+            raise _bad_json("string with an unpaired UTF-16 surrogate escape (\\ud800-\\udfff)")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_tree(k, depth + 1)
+            _check_tree(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _check_tree(v, depth + 1)
+
+
+def parse_json_body(body: bytes) -> Any:
+    """The request body as JSON, or ``json.JSONDecodeError`` with the reason (FastAPI answers it 422)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _bad_json(f"body is not UTF-8 (byte 0x{body[exc.start]:02x} at offset {exc.start})", "", exc.start) from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    try:
+        value = json.loads(text, parse_constant=_non_standard, parse_float=_finite_float, parse_int=_bounded_int)
+    except RecursionError:
+        raise _bad_json(f"body nested deeper than {MAX_JSON_DEPTH} levels") from None
+    _check_tree(value)
+    return value
+
+
+class StrictJSONRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = parse_json_body(await self.body())
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """Routes whose JSON bodies go through :func:`parse_json_body`."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request):
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict
+
+
+def validation_body(exc: RequestValidationError) -> dict:
+    """422 body: where and what, never the offending input (it may not even be renderable)."""
+    errors = []
+    for e in exc.errors():
+        loc = [x if isinstance(x, (int, str)) else str(x) for x in e.get("loc", ())]
+        msg = str(e.get("msg", "invalid"))
+        if e.get("type") == "json_invalid":
+            reason = str((e.get("ctx") or {}).get("error", "")) or "not JSON"
+            msg = f"invalid JSON: {reason}"
+            loc = ["body"]
+        elif e.get("type") == "model_attributes_type" and loc == ["body"]:
+            msg = "the body must be a JSON object (Content-Type: application/json)"
+        errors.append({"loc": loc, "msg": msg, "type": str(e.get("type", ""))})
+    first = errors[0] if errors else {"loc": ["body"], "msg": "invalid request"}
+    where = ".".join(str(x) for x in first["loc"])
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return {"message": f"{where}: {first['msg']}{more}", "detail": errors}
+
+
 class ApiError(Exception):
     """A request the API refuses: HTTP status, message, extra headers."""
 
@@ -130,6 +247,86 @@ class ApiError(Exception):
 
 def overloaded(what: str = "the service is at capacity") -> ApiError:
     return ApiError(503, f"{what}; retry later", {"Retry-After": str(RETRY_AFTER_S)})
+
+
+# ---------------------------------------------------------------------------------------------
+# API keys
+
+
+OPEN_PATHS = frozenset({"/healthz"})  # liveness probes carry no key
+MIN_KEY_CHARS = 16
+
+
+def load_api_keys(args: AppArgs) -> tuple[bytes, ...] | None:
+    """The accepted keys' SHA-256 digests, or None when the app has no key check (local configs).
+
+    Keys come from the environment variable ``args.api_keys_env`` and/or the file
+    ``args.api_keys_file`` (one per line, ``#`` comments), read where the ingress replica runs.
+    Several keys let a rotation overlap. A check that is configured but finds no usable key fails
+    the replica's start-up (:class:`ConfigError`, naming the variable or file, never a key).
+    """
+    if args.api_keys_env is None and args.api_keys_file is None:
+        return None
+    keys: list[str] = []
+    problems: list[str] = []
+    if args.api_keys_env is not None:
+        env_keys = os.environ.get(args.api_keys_env, "").replace(",", " ").split()
+        if not env_keys:
+            problems.append(f"api_keys_env: environment variable {args.api_keys_env} is not set (or empty) on this node")
+        keys += env_keys
+    if args.api_keys_file is not None:
+        try:
+            lines = open(args.api_keys_file, encoding="utf-8").read().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"api_keys_file: cannot read {args.api_keys_file}: {exc.__class__.__name__}")
+        else:
+            file_keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            if not file_keys:
+                problems.append(f"api_keys_file: {args.api_keys_file} holds no key")
+            keys += file_keys
+    short = sum(len(k) < MIN_KEY_CHARS for k in keys)
+    if short:
+        problems.append(f"{short} API key(s) shorter than {MIN_KEY_CHARS} characters; use e.g. `openssl rand -hex 32`")
+    if problems:
+        raise ConfigError(problems)
+    return tuple(hashlib.sha256(k.encode()).digest() for k in dict.fromkeys(keys))
+
+
+def presented_key(headers: dict[bytes, bytes]) -> bytes | None:
+    """The key a request carries: ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``."""
+    auth = headers.get(b"authorization", b"")
+    if auth[:7].lower() == b"bearer ":
+        return auth[7:].strip()
+    return headers.get(b"x-api-key")
+
+
+def key_matches(given: bytes, digests: tuple[bytes, ...]) -> bool:
+    """Constant time in the key: both sides are compared as SHA-256 digests (equal length, so
+    nothing about a key's length or prefix leaks), and every accepted key is compared."""
+    candidate = hashlib.sha256(given).digest()
+    ok = False
+    for digest in digests:
+        ok |= hmac.compare_digest(candidate, digest)
+    return ok
+
+
+class ApiKeyAuth:
+    """ASGI middleware: 401 unless the request carries an accepted key (paths in
+    :data:`OPEN_PATHS` stay open). Runs before the body is read; keys are never logged."""
+
+    def __init__(self, app, digests: tuple[bytes, ...]):
+        self.app, self.digests = app, digests
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        given = presented_key(dict(scope.get("headers") or []))
+        if given is None or not key_matches(given, self.digests):
+            detail = ("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+                      if given is None else "invalid API key")
+            response = JSONResponse({"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,14 +377,24 @@ class BodyLimit:
 
 
 def create_api(backend: Backend, title: str = "recsys_ray") -> FastAPI:
-    """The FastAPI app: routes, error mapping (4xx for bad input, 503 + Retry-After when full)."""
+    """The FastAPI app: routes, error mapping (4xx for bad input, 503 + Retry-After when full),
+    the API-key check when the arguments configure one (:func:`load_api_keys`: raises
+    :class:`ConfigError` at start-up when configured keys are missing)."""
     limits = backend.args
+    digests = load_api_keys(limits)
     app = FastAPI(title=title, version="1", description="BERT recommender: score candidates, recommend from the catalogue.")
+    app.router.route_class = StrictJSONRoute
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    if digests is not None:  # outermost: a request without a key is refused before its body is read
+        app.add_middleware(ApiKeyAuth, digests=digests)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(validation_body(exc), status_code=422)
 
     @app.get("/healthz")
     async def healthz() -> dict:

@@ -5,6 +5,7 @@ configs validate against Ray's own schema."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import socket
@@ -15,7 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import schemathesis
 import yaml
+from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
 
 from recsys_ray.errors import ConfigError
 from recsys_ray.model.kinds import from_config
@@ -224,6 +228,17 @@ def bad_requests(ids: list[str]) -> list[tuple[str, str, object, int, str]]:
         ("missing user", "score", {"item_ids": ids[:2]}, 422, "user"),
         ("unknown field", "score", {"user": user, "item_ids": ids[:2], "candidates": []}, 422, "candidates"),
         ("not json", "score", b"{not json", 422, "json"),
+        ("not UTF-8", "score", b'{"user": {"history": ["\xff"]}, "item_ids": ["a"]}', 422, "not UTF-8"),
+        ("NaN", "score", b'{"user": {"profile": {"age": NaN}}, "item_ids": ["a"]}', 422, "NaN is not standard JSON"),
+        ("Infinity k", "recommend", b'{"user": {}, "k": Infinity}', 422, "Infinity is not standard JSON"),
+        ("k overflows to inf", "recommend", b'{"user": {}, "k": 1e999}', 422, "out of range"),
+        ("k float", "recommend", {"user": user, "k": 2.5}, 422, "integer"),
+        ("k huge", "recommend", {"user": user, "k": 10**30}, 422, "max_k"),
+        ("deeply nested", "score", b'{"user": {"profile": ' + b"[" * 5_000 + b"]" * 5_000 + b"}}", 422, "nested deeper"),
+        ("lone surrogate", "score", b'{"user": {}, "item_ids": ["\\udc00"]}', 422, "surrogate"),
+        ("history id of wrong type", "recommend", {"user": {"history": [1.5]}}, 422, "string"),
+        ("10^5 candidates", "score", {"user": user, "item_ids": [f"i{i}" for i in range(100_000)]}, 413, "larger than"),
+        ("body an array", "score", [1, 2], 422, "body"),
         ("k zero", "recommend", {"user": user, "k": 0}, 422, "greater than or equal to 1"),
         ("k negative", "recommend", {"user": user, "k": -3}, 422, "greater than or equal to 1"),
         ("k not an int", "recommend", {"user": user, "k": "ten"}, 422, "integer"),
@@ -231,6 +246,29 @@ def bad_requests(ids: list[str]) -> list[tuple[str, str, object, int, str]]:
         ("too many candidates", "score", {"user": user, "item_ids": ids[: MAX_CANDIDATES + 1]}, 413, f"at most {MAX_CANDIDATES}"),
         ("body too large", "score", {"user": user, "texts": ["x" * 30_000]}, 413, "larger than"),
     ]
+
+
+def test_fuzzed_requests_to_every_route_never_get_a_5xx(app):
+    """schemathesis generates valid and invalid requests for every route of the served app's own
+    OpenAPI schema; none may get a 5xx, every error says what was wrong."""
+    schema = schemathesis.openapi.from_url(f"{app}/openapi.json")
+    cases = schema.as_strategy(GenerationMode.POSITIVE) | schema.as_strategy(GenerationMode.NEGATIVE)
+    seen: collections.Counter = collections.Counter()
+
+    @given(case=cases)
+    @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    def check(case):
+        response = case.call(base_url=app, timeout=60)
+        seen[(case.method, case.path, response.status_code)] += 1
+        assert response.status_code < 500, (case.method, case.path, case.body, response.status_code, response.text[:300])
+        if response.status_code >= 400:
+            body = response.json()
+            assert body.get("message") or body.get("detail"), response.text[:300]
+
+    check()
+    routes = {(method, path) for method, path, _ in seen}
+    assert {("POST", "/v1/score"), ("POST", "/v1/recommend"), ("GET", "/healthz"), ("GET", "/readyz")} <= routes, seen
+    assert any(status == 422 for *_, status in seen) and any(status == 200 for *_, status in seen), seen
 
 
 def test_every_bad_request_gets_its_status_and_a_reason_never_a_500(app, catalogue_ids):
