@@ -68,6 +68,8 @@ class DataConfig:
     item_text_columns: list[str] = dataclasses.field(default_factory=list)  # [] = every non-id column
     user_profile_columns: list[str] = dataclasses.field(default_factory=list)  # [] = every non-id column
     timestamp_unit: Literal["s", "ms", "us", "ns"] = "s"  # unit of numeric timestamps
+    min_value: float | None = None  # keep events whose value (rating, dwell, ...) is >= this; others -> rejects (below_min_value)
+    event_types: list[str] = dataclasses.field(default_factory=list)  # [] = every event; else only these -> rejects (other_event_type)
     min_user_events: int = 3  # users with fewer events stay in train only
     min_history: int = 1  # a train target needs at least this many earlier events
     max_history: int = 20  # most recent history items rendered into the user context

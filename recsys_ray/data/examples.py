@@ -238,8 +238,10 @@ class ExampleBuilder:
                 continue
             rng = user_rng(s.seed, user)
             n_tr = splits.count("train")
+            # negatives avoid what the user did up to training time only: excluding the
+            # validation/test items too would tell the model which items those are not
             neg = sample_negatives(
-                rng, n_tr, s.negatives, np.unique(idx), len(self.item_ids), self.cdf
+                rng, n_tr, s.negatives, np.unique(idx[:n_train]), len(self.item_ids), self.cdf
             )
             ts = ts_flat[ts_start[u] : ts_start[u + 1]]
             for j, (pos, split) in enumerate(zip(targets, splits, strict=True)):

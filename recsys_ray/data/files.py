@@ -6,13 +6,16 @@ standard AWS chain, ``AWS_ENDPOINT_URL`` for S3-compatible stores).
 
 from __future__ import annotations
 
+import codecs
 import fnmatch
 import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -170,7 +173,7 @@ def read_columns(ref: FileRef, sample_lines: int = 100) -> list[str]:
         raise DataError(f"{ref.uri}: cannot read ({one_line(exc)})") from None
 
 
-def _iter_lines(stream) -> Iterator[str]:
+def _iter_lines(stream) -> Iterator[bytes]:
     buf = b""
     while True:
         chunk = stream.read(1 << 20)
@@ -180,9 +183,18 @@ def _iter_lines(stream) -> Iterator[str]:
         *lines, buf = buf.split(b"\n")
         for line in lines:
             if line.strip():
-                yield line.decode("utf-8", errors="replace")
+                yield line
     if buf.strip():
-        yield buf.decode("utf-8", errors="replace")
+        yield buf
+
+
+def not_utf8(data: bytes) -> str | None:
+    """Why ``data`` is not UTF-8 (``not UTF-8 (byte 0xff at offset 3)``), or None."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+    return None
 
 
 def iter_record_batches(
@@ -221,11 +233,12 @@ def _iter_csv(ref: FileRef, columns: list[str], batch_rows: int):
 
     with _open(ref.uri) as f:
         reader = pacsv.open_csv(
-            f,
+            _ReplacingUTF8(f),
             parse_options=pacsv.ParseOptions(
                 delimiter=_csv_delimiter(ref.uri), invalid_row_handler=on_invalid
             ),
-            # Every column as text: type problems become per-row rejects, not a crashed read.
+            # Every column as text: type problems (and bytes that are not UTF-8, _utf8_rows)
+            # become per-row rejects, not a crashed read.
             convert_options=pacsv.ConvertOptions(
                 include_columns=columns,
                 column_types={c: pa.string() for c in columns},
@@ -242,11 +255,51 @@ def _iter_csv(ref: FileRef, columns: list[str], batch_rows: int):
                 t = pa.Table.from_batches(pending)
                 pending = []
                 rows, seen = _csv_rows(len(t), seen, malformed)
-                yield t.append_column("__row", pa.array(rows, pa.int64())), malformed[:]
+                yield _utf8_rows(t, rows, malformed)
                 malformed.clear()
         t = pa.Table.from_batches(pending, schema=reader.schema)
         rows, seen = _csv_rows(len(t), seen, malformed)
-        yield t.append_column("__row", pa.array(rows, pa.int64())), malformed[:]
+        yield _utf8_rows(t, rows, malformed)
+
+
+REPLACEMENT = "\ufffd"  # what a byte that is not UTF-8 reads as
+
+
+class _ReplacingUTF8:
+    """A binary stream whose bytes that are not UTF-8 read as U+FFFD (pyarrow's csv reader
+    cannot even report such a line as malformed; its handler fails to decode it)."""
+
+    def __init__(self, raw):
+        self.raw, self.decoder = raw, codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.closed = False
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self.raw.read(n if n and n > 0 else 1 << 22)
+        return self.decoder.decode(chunk, final=not chunk).encode("utf-8")
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _utf8_rows(t: pa.Table, rows: list[int], malformed: list) -> tuple[pa.Table, list]:
+    """``__row`` numbers appended; rows with a U+FFFD (bytes that were not UTF-8) move to the
+    malformed rows, naming the column."""
+    bad = np.zeros(t.num_rows, bool)
+    where = np.full(t.num_rows, None, dtype=object)
+    for c in t.column_names:
+        hit = np.asarray(pc.fill_null(pc.match_substring(t[c], REPLACEMENT), False)) & ~bad
+        where[hit] = c
+        bad |= hit
+    if bad.any():
+        for i in np.flatnonzero(bad):
+            raw = ",".join("" if v is None else v for v in t.slice(int(i), 1).to_pylist()[0].values())
+            malformed.append((rows[i], f"{where[i]}: not UTF-8 (an invalid byte, read as U+FFFD)", raw[:500]))
+        keep = np.flatnonzero(~bad)
+        t, rows = t.take(pa.array(keep, pa.int64())), [rows[i] for i in keep]
+    return t.append_column("__row", pa.array(rows, pa.int64())), sorted(malformed)
 
 
 def _csv_rows(n: int, seen: int, malformed: list[tuple[int, str, str]]) -> tuple[list[int], int]:
@@ -272,12 +325,16 @@ def _iter_jsonl(ref: FileRef, columns: list[str], batch_rows: int):
         rows: list[int] = []
         malformed: list[tuple[int, str, str]] = []
         for row, line in enumerate(_iter_lines(f)):
+            problem = not_utf8(line)
+            if problem:
+                malformed.append((row, problem, line[:500].decode("utf-8", errors="replace")))
+                continue
             try:
                 record = json.loads(line)
                 if not isinstance(record, dict):
                     raise ValueError("not a JSON object")
             except ValueError as exc:
-                malformed.append((row, f"invalid JSON: {exc}", line[:500]))
+                malformed.append((row, f"invalid JSON: {exc}", line[:500].decode()))
                 continue
             for c in columns:
                 v = record.get(c)

@@ -8,6 +8,7 @@
       sequences/             one row per user: the ordered history and its split
       examples/split=train/  one row per train target; split=valid/, split=test/: one per user
       rejects/               bad log rows with a reason (absent when there are none)
+      user_rejects/          bad user-file rows with a reason (absent when there are none)
       source/                built-in datasets only: the tables read from the source
 
 Columns: ``docs/data_format.md``. Every path here may be local or a URI (``s3://``); reads go
@@ -31,9 +32,10 @@ ITEMS = "items"
 SEQUENCES = "sequences"
 EXAMPLES = "examples"
 REJECTS = "rejects"
+USER_REJECTS = "user_rejects"
 SOURCE = "source"
 SPLITS = ("train", "valid", "test")
-PARTS = (ITEMS, SEQUENCES, EXAMPLES, REJECTS, SOURCE, MANIFEST)  # what a preparation (re)writes
+PARTS = (ITEMS, SEQUENCES, EXAMPLES, REJECTS, USER_REJECTS, SOURCE, MANIFEST)  # what a preparation (re)writes
 
 
 def split_part(split: str) -> str:

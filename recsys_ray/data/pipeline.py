@@ -53,8 +53,8 @@ from recsys_ray.data.sources import (
     resolve_source,
 )
 from recsys_ray.data.tokenize import encode_texts, list_column, tokenizer_info
-from recsys_ray.data.validate import REJECT_COLUMNS, log_columns, validate_batch
-from recsys_ray.errors import DataError, one_line
+from recsys_ray.data.validate import REJECT_COLUMNS, canonical_ids, log_columns, validate_batch
+from recsys_ray.errors import ConfigError, DataError, one_line
 from recsys_ray.model.tokenizer import load_tokenizer
 from recsys_ray.runtime import cluster_cpus, init_ray, unwrap_task_error
 
@@ -80,9 +80,11 @@ class LogReader:
     instance role): nothing secret is handed to it.
     """
 
-    def __init__(self, columns: ColumnMap, timestamp_unit: str, catalogue_ids: pa.Array, batch_rows: int):
+    def __init__(self, columns: ColumnMap, timestamp_unit: str, catalogue_ids: pa.Array, batch_rows: int,
+                 min_value: float | None = None, event_types: list[str] | None = None):
         self.columns, self.unit, self.batch_rows = columns, timestamp_unit, batch_rows
         self.catalogue = catalogue_ids
+        self.min_value, self.event_types = min_value, event_types
 
     def __call__(self, files: pa.Table) -> Iterator[pa.Table]:
         for f in files.to_pylist():
@@ -103,34 +105,59 @@ class LogReader:
                     source_file=ref.uri,
                     file_idx=f["file_idx"],
                     malformed=malformed,
+                    min_value=self.min_value,
+                    event_types=self.event_types,
                 )
                 yield out.append_column(NODE, _node_column(out.num_rows))
 
 
 def read_profiles(files: pa.Table, id_column: str, profile_columns: list[str]) -> Iterator[pa.Table]:
-    """User files -> profile rows shaped like accepted events (``item_id`` null) plus ``profile_text``.
+    """User files -> profile rows shaped like accepted events (``item_id`` null) plus
+    ``profile_text``, and the rows that cannot be one (``reason`` set, kept for the rejects).
 
     They are shuffled together with the events, so each user's profile meets its history
-    without a join; rows without a user id are skipped.
+    without a join. Ids follow :func:`~recsys_ray.data.validate.canonical_ids`, as in the logs.
     """
     for f in files.to_pylist():
         ref = FileRef(uri=f["uri"], format=f["format"], size=f["size"], mtime_ns=f["mtime_ns"])
-        for table, _ in iter_record_batches(ref, [id_column, *profile_columns], 65_536):
-            ids = pc.utf8_trim_whitespace(pc.cast(table[id_column], pa.string()))
-            keep = pc.fill_null(pc.not_equal(ids, ""), False)
-            kept = table.filter(keep)
-            records = kept.select(profile_columns).to_pylist()
-            n = kept.num_rows
-            yield pa.table(
+        for table, malformed in iter_record_batches(ref, [id_column, *profile_columns], 65_536):
+            ids = canonical_ids(table[id_column])
+            empty = ids.is_null()
+            records = table.select(profile_columns).to_pylist()
+            n = table.num_rows
+            raw = [json.dumps({id_column: i, **r}, default=str, ensure_ascii=False) if e else None
+                   for i, r, e in zip(table[id_column].to_pylist(), records, empty.to_pylist(), strict=True)]
+            out = pa.table(
                 {
-                    "user_id": ids.filter(keep),
+                    "user_id": ids,
                     "item_id": pa.nulls(n, pa.string()),
                     "timestamp": pa.nulls(n, pa.timestamp("us", tz="UTC")),
                     "file_idx": pa.array(np.full(n, f["file_idx"], np.int32)),
-                    "source_row": kept["__row"],
+                    "source_row": table["__row"],
                     "profile_text": pa.array([T.render_profile(r, profile_columns) for r in records], pa.string()),
+                    "source_file": pa.array([ref.uri] * n, pa.string()),
+                    "reason": pc.if_else(empty, pa.scalar("missing_user_id"), pa.scalar(None, pa.string())),
+                    "detail": pc.if_else(empty, pa.scalar(f"{id_column} is empty"), pa.scalar(None, pa.string())),
+                    "raw": pa.array(raw, pa.string()),
                 }
             )
+            if malformed:  # unparseable lines of a csv / jsonl user file
+                m = len(malformed)
+                out = pa.concat_tables([out, pa.table({
+                    "user_id": pa.nulls(m, pa.string()), "item_id": pa.nulls(m, pa.string()),
+                    "timestamp": pa.nulls(m, pa.timestamp("us", tz="UTC")),
+                    "file_idx": pa.array(np.full(m, f["file_idx"], np.int32)),
+                    "source_row": pa.array([r for r, _, _ in malformed], pa.int64()),
+                    "profile_text": pa.nulls(m, pa.string()),
+                    "source_file": pa.array([ref.uri] * m, pa.string()),
+                    "reason": pa.array(["malformed_row"] * m, pa.string()),
+                    "detail": pa.array([d for _, d, _ in malformed], pa.string()),
+                    "raw": pa.array([json.dumps(t, ensure_ascii=False) for _, _, t in malformed], pa.string()),
+                })])
+            yield out
+
+
+PROFILE_COLUMNS = ["user_id", "item_id", "timestamp", "file_idx", "source_row", "profile_text"]
 
 
 def _accepted(t: pa.Table, with_profile: bool) -> pa.Table:
@@ -249,6 +276,7 @@ def prepare(cfg: DataConfig) -> dict:
     previous_wait, ctx.wait_for_min_actors_s = ctx.wait_for_min_actors_s, 120
     try:
         src = resolve_source(cfg, out)
+        _check_filters(cfg, src)
         refs = list_files(src.events, src.format)
         check_log_files(refs, src.columns)
         catalogue, text_cols = load_catalogue(src)
@@ -265,6 +293,17 @@ def prepare(cfg: DataConfig) -> dict:
     manifest["seconds"] = round(time.perf_counter() - t0, 2)
     storage.write_text(layout.part_path(out, layout.MANIFEST), json.dumps(manifest, indent=2, default=str))
     return manifest
+
+
+def _check_filters(cfg: DataConfig, src: Source) -> None:
+    """``min_value`` needs a value column and ``event_types`` an event column in the source."""
+    problems = []
+    if cfg.min_value is not None and not src.columns.value:
+        problems.append(f"min_value={cfg.min_value:g}: the log at {cfg.dataset} has no value column (set columns.value)")
+    if cfg.event_types and not src.columns.event:
+        problems.append(f"event_types: the log at {cfg.dataset} has no event column (set columns.event)")
+    if problems:
+        raise ConfigError(problems)
 
 
 def _file_rows(refs: list[FileRef]) -> list[dict]:
@@ -334,6 +373,8 @@ def _read_validate(inp: Inputs, actors: int):
             "timestamp_unit": src.timestamp_unit,
             "catalogue_ids": inp.catalogue["item_id"].combine_chunks(),
             "batch_rows": 262_144,
+            "min_value": inp.cfg.min_value,
+            "event_types": list(inp.cfg.event_types),
         },
         # one reader per file up to one per CPU, from the start: an autoscaling pool that starts
         # with one actor lets it read every small file itself, on one node
@@ -365,15 +406,9 @@ def _split_users(inp: Inputs, validated):
     accepted = validated.map_batches(
         _accepted, fn_kwargs={"with_profile": with_profiles}, batch_format="pyarrow", batch_size=None
     )
+    profile_counts: dict = {}
     if with_profiles:
-        profiles = ray.data.from_arrow(
-            pa.Table.from_pylist(_file_rows(inp.user_refs)), override_num_blocks=len(inp.user_refs)
-        ).map_batches(
-            read_profiles,
-            fn_kwargs={"id_column": inp.src.user_id_column, "profile_columns": inp.profile_cols},
-            batch_size=1,
-            batch_format="pyarrow",
-        )
+        profiles, profile_counts = _read_profiles(inp)
         accepted = accepted.union(profiles)
     sequences = (
         accepted.sort("user_id")
@@ -398,7 +433,37 @@ def _split_users(inp: Inputs, validated):
         popularity = _counts_by_key(
             sequences.map_batches(train_item_counts, batch_format="pyarrow", batch_size=None), "item_id"
         )
+    if with_profiles:
+        profile_counts["profiles_without_events"] = profile_counts.pop("users") - stats["profiles"]
+    stats["profile_rows"] = profile_counts
     return sequences, stats, popularity
+
+
+def _read_profiles(inp: Inputs):
+    """The user files' rows: accepted profile rows (a dataset), the rest written to
+    ``user_rejects/`` with a reason; counts that reconcile with the rows read. A user with several
+    rows keeps the first (file order, then row order: ``build_sequences``); the others are counted."""
+    rows = ray.data.from_arrow(
+        pa.Table.from_pylist(_file_rows(inp.user_refs)), override_num_blocks=len(inp.user_refs)
+    ).map_batches(
+        read_profiles,
+        fn_kwargs={"id_column": inp.src.user_id_column, "profile_columns": inp.profile_cols},
+        batch_size=1,
+        batch_format="pyarrow",
+    ).materialize()
+    read = rows.count()
+    by_reason = _counts_by_key(rows.map_batches(_reject_counts, batch_format="pyarrow", batch_size=None), "reason")
+    if by_reason:
+        path, fs = layout.dataset_target(inp.out, layout.USER_REJECTS)
+        rows.map_batches(_rejected, batch_format="pyarrow", batch_size=None).write_parquet(path, filesystem=fs)
+    kept = rows.map_batches(_accepted_profiles, batch_format="pyarrow", batch_size=None).materialize()
+    kept_rows = kept.count()
+    users = kept.groupby("user_id").count().count() if kept_rows else 0
+    return kept, {"read": read, "rejected_by_reason": by_reason, "duplicates_ignored": kept_rows - users, "users": users}
+
+
+def _accepted_profiles(t: pa.Table) -> pa.Table:
+    return t.filter(pc.is_null(t["reason"])).select(PROFILE_COLUMNS)
 
 
 def _write_examples(inp: Inputs, sequences, items: pa.Table, popularity: dict | None, actors: int) -> None:
@@ -442,6 +507,8 @@ def _manifest(inp: Inputs, items: pa.Table, counts: dict, stats: dict, timings: 
             "users_split": split_users,
             "users_train_only": users - split_users,
             "users_with_profile": stats["profiles"],
+            # user-file rows: read = rejected + duplicates_ignored + users_with_profile + profiles_without_events
+            "user_rows": stats["profile_rows"],
             "events_by_split": {"train": stats["train_events"], "valid": split_users, "test": split_users},
             "examples_by_split": example_counts,
         },

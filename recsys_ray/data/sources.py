@@ -17,7 +17,7 @@ from recsys_ray.data import layout, movielens, synthetic
 from recsys_ray.data import text as T
 from recsys_ray.data.config import ColumnMap, DataConfig
 from recsys_ray.data.files import FileRef, list_files, read_columns, read_table
-from recsys_ray.data.validate import log_columns, required_columns
+from recsys_ray.data.validate import canonical_ids, log_columns, required_columns
 from recsys_ray.errors import DataError
 
 
@@ -121,8 +121,8 @@ def load_catalogue(src: Source) -> tuple[pa.Table, list[str]]:
         raise DataError(f"{name}: no text columns besides {src.item_id_column!r}")
     if table.num_rows == 0:
         raise DataError(f"{name}: the item catalogue is empty")
-    ids = pc.utf8_trim_whitespace(table[src.item_id_column].combine_chunks())
-    empty = np.flatnonzero(np.asarray(pc.fill_null(pc.equal(ids, ""), True)))
+    ids = canonical_ids(table[src.item_id_column])  # the logs' id rule
+    empty = np.flatnonzero(np.asarray(ids.is_null()))
     if len(empty):
         raise DataError(f"{name}: row {int(empty[0])}: empty {src.item_id_column}")
     counts = pc.value_counts(ids)

@@ -41,6 +41,8 @@ REASONS = (
     "bad_timestamp",
     "bad_value",
     "unknown_item",
+    "below_min_value",  # DataConfig.min_value: e.g. ratings under 4 are not a positive signal
+    "other_event_type",  # DataConfig.event_types: e.g. only purchases
 )
 _UNIT_TO_US = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 0.001}
 # Epoch values outside [1900, 2200] are almost always a wrong unit, not a real time.
@@ -60,16 +62,18 @@ def log_columns(columns: ColumnMap) -> list[str]:
     return out
 
 
-def _as_id(arr: pa.ChunkedArray) -> pa.Array:
-    if pa.types.is_floating(arr.type):
-        # 12.0 -> "12": float ids come from pandas-written files with nulls
-        as_int = pc.cast(arr, pa.int64(), safe=False)
-        same = pc.equal(pc.cast(as_int, pa.float64()), arr)
-        text = pc.if_else(same, pc.cast(as_int, pa.string()), pc.cast(arr, pa.string()))
-    else:
-        text = pc.cast(arr, pa.string())
-    text = pc.utf8_trim_whitespace(text)
-    return pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text).combine_chunks()
+def canonical_ids(arr: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """The one id rule, for every format and every file (logs, catalogue, user file).
+
+    An id is text, trimmed; an empty one is null. A number with an integral value is written as
+    that integer, whatever carried it: ``12``, ``12.0`` and ``"12.0"`` are one id ``"12"`` in a
+    Parquet int or float column (pandas writes int ids with nulls as floats), a JSONL number or a
+    CSV cell. Any other text is kept as written (``"007"``, ``"12.5"``, ``"a.0"``).
+    """
+    text = pc.utf8_trim_whitespace(pc.cast(arr, pa.string()))  # floats cast as "12", not "12.0"
+    text = pc.replace_substring_regex(text, r"^(-?[0-9]+)\.0+$", r"\1")
+    out = pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
+    return out.combine_chunks() if isinstance(out, pa.ChunkedArray) else out
 
 
 def parse_timestamps(arr: pa.ChunkedArray | pa.Array, unit: str) -> tuple[np.ndarray, np.ndarray]:
@@ -138,11 +142,14 @@ def validate_batch(
     source_file: str,
     file_idx: int,
     malformed: list[tuple[int, str, str]] = (),
+    min_value: float | None = None,
+    event_types: list[str] | None = None,
 ) -> pa.Table:
     """Raw batch (log column names + ``__row``) -> EVENT_SCHEMA table, rejects included.
 
     The first failing check names the reason; ``malformed`` rows (unparseable lines found by the
-    reader) are appended as rejects so that nothing read is lost.
+    reader) are appended as rejects so that nothing read is lost. ``min_value`` / ``event_types``
+    (``DataConfig``) reject valid events that are not a positive signal, with their own reasons.
     """
     n = table.num_rows
     reason = np.full(n, None, dtype=object)
@@ -159,8 +166,8 @@ def validate_batch(
         return lambda idx: [template.format(v) for v in arr.take(pa.array(idx)).to_pylist()]
 
     empty = pa.array([], pa.string())
-    user = _as_id(table[columns.user_id]) if n else empty
-    item = _as_id(table[columns.item_id]) if n else empty
+    user = canonical_ids(table[columns.user_id]) if n else empty
+    item = canonical_ids(table[columns.item_id]) if n else empty
     reject(np.asarray(user.is_null()), "missing_user_id", f"{columns.user_id} is empty")
     reject(np.asarray(item.is_null()), "missing_item_id", f"{columns.item_id} is empty")
 
@@ -181,10 +188,18 @@ def validate_batch(
         reject(~known, "unknown_item", show(item, "item_id {!r} is not in the catalogue"))
 
     event = (
-        pc.cast(table[columns.event], pa.string()).combine_chunks()
+        pc.utf8_trim_whitespace(pc.cast(table[columns.event], pa.string())).combine_chunks()
         if columns.event and n
         else pa.nulls(n, pa.string())
     )
+    if min_value is not None and n:
+        reject(~(value >= min_value), "below_min_value",  # a missing value is no positive signal either
+               show(pa.array(value), columns.value + "={!r} is below min_value=" + f"{min_value:g}"))
+    if event_types and n:
+        wanted = np.asarray(pc.fill_null(pc.is_in(event, value_set=pa.array(event_types, pa.string())), False))
+        reject(~wanted, "other_event_type",
+               show(event, columns.event + "={!r} is not one of event_types "
+                    + json.dumps(list(event_types)).replace("{", "{{").replace("}", "}}")))
     bad = np.flatnonzero(~pd.isna(reason))
     raw = np.full(n, None, dtype=object)
     if len(bad):

@@ -151,8 +151,8 @@ def tune_ease_l2(
 
     X_train: (U, I) train interactions, which are both the fitting data and the users' histories.
     valid_targets: (U,) each user's validation item index, -1 for users without one (still used
-    to fit, not scored). seen: (U, I) mask of items to exclude from ranking; defaults to X_train
-    with each user's target unmasked (a repeat of a train item is a legitimate hit).
+    to fit, not scored). seen: (U, I) mask of items to exclude from ranking; defaults to X_train,
+    and then a user whose target is already in X_train is not scored (the evaluation protocol).
     Returns (best l2, {l2: ndcg@10}); ties go to the earlier candidate. The Gram matrix is built
     once; each candidate costs one O(I^3) inverse plus scoring the validation users.
     """
@@ -165,19 +165,13 @@ def tune_ease_l2(
     if not candidates:
         raise ValueError("no l2 candidates")
     users = np.flatnonzero(valid_targets >= 0)
+    if seen is None:  # a target already in the train history is not scored (metrics.repeats_history)
+        users = users[np.asarray(X_train[users, valid_targets[users]]).ravel() == 0]
     if users.size == 0:
-        raise ValueError("no user has a validation target")
+        raise ValueError("no user has a validation target (that is not a repeat)")
     targets = valid_targets[users].astype(np.int64)
     history = X_train[users]
-    if seen is None:
-        coo = history.tocoo()
-        keep = coo.col != targets[coo.row]  # never mask the target itself
-        mask = sp.csr_matrix(
-            (np.ones(int(keep.sum()), dtype=bool), (coo.row[keep], coo.col[keep])),
-            shape=history.shape,
-        )
-    else:
-        mask = sp.csr_matrix(sp.csr_matrix(seen)[users], dtype=bool)
+    mask = sp.csr_matrix(history if seen is None else sp.csr_matrix(seen)[users], dtype=bool)
 
     gram = _gram(X_train)
     results: dict[float, float] = {}
@@ -228,9 +222,9 @@ def itemknn_scores(X_rows: Rows, S: np.ndarray) -> np.ndarray:
 def baseline_ranks(data: str, max_users: int = 0) -> dict[str, dict]:
     """Popularity and EASE (L2 tuned on validation) ranks of every test user's target.
 
-    Histories are each user's events before the test event (train + validation), the target
-    itself unmasked (a repeat of a history item is a legitimate hit); users by id, the order
-    the model rows are scored in.
+    Histories are each user's events before the test event (train + validation), all masked; a
+    user whose test item repeats one of them is left out (``_users.repeats_left_out``), as the
+    model evaluation does; users by id, the order the model rows are scored in.
     """
     items = ItemIndex(layout.read_items(data, ["item_id"])["item_id"].to_pylist())
     seq = layout.read_sequences(data, ["user_id", "item_ids", "n_train"]).to_pylist()
@@ -251,10 +245,12 @@ def baseline_ranks(data: str, max_users: int = 0) -> dict[str, dict]:
     if max_users:
         users, test_users = users[:max_users], test_users[:max_users]
     targets = np.asarray(test_t)[users]
+    # a test event that repeats a history item is not scored (metrics.repeats_history)
+    novel = np.asarray(X_full[users, targets]).ravel() == 0
+    users, targets = users[novel], targets[novel]
+    test_users = [u for u, keep in zip(test_users, novel, strict=True) if keep]
     history = X_full[users]
-    coo = history.tocoo()
-    keep = coo.col != targets[coo.row]
-    mask = sp.csr_matrix((np.ones(int(keep.sum()), bool), (coo.row[keep], coo.col[keep])), shape=history.shape)
+    mask = sp.csr_matrix(history, dtype=bool)
     out: dict[str, dict] = {}
     pop = popularity_scores(X_full.tocoo().col, len(items))
     out["popularity"] = {"ranks": target_ranks(np.tile(pop, (len(users), 1)), targets, mask), "params": {}}
@@ -262,5 +258,5 @@ def baseline_ranks(data: str, max_users: int = 0) -> dict[str, dict]:
     B = ease_fit(X_full, l2)
     out["EASE"] = {"ranks": target_ranks(ease_scores(history, B), targets, mask),
                    "params": {"l2": l2, "valid_ndcg@10_by_l2": {str(k): round(v, 5) for k, v in curve.items()}}}
-    out["_users"] = {"ids": test_users}
+    out["_users"] = {"ids": test_users, "repeats_left_out": int((~novel).sum())}
     return out

@@ -39,6 +39,7 @@ from recsys_ray.evaluate.metrics import (
     DEFAULT_KS,
     HEADLINE,
     MetricAccumulator,
+    repeats_history,
     sample_unseen,
     sampled_ranks,
     target_ranks,
@@ -87,9 +88,8 @@ class EvalSettings:
         return out
 
 
-def _seen_rows(items_index: dict, seen: Sequence[str], target: int) -> np.ndarray:
-    rows = np.fromiter((items_index[i] for i in seen), dtype=np.int64, count=len(seen))
-    return rows[rows != target]  # a repeat of a history item is still a legitimate hit
+def _seen_rows(items_index: dict, seen: Sequence[str]) -> np.ndarray:
+    return np.fromiter((items_index[i] for i in seen), dtype=np.int64, count=len(seen))
 
 
 # --- the Ray Data UDF ----------------------------------------------------------------------------
@@ -116,7 +116,7 @@ class RankUDF:
         p, items = self.p, self.p.items
         n = len(batch["user_id"])
         targets = np.array([items.index[t] for t in batch["target_item_id"]], dtype=np.int64)
-        seen = [_seen_rows(items.index, list(s), int(t)) for s, t in zip(batch["seen_item_ids"], targets, strict=True)]
+        seen = [_seen_rows(items.index, list(s)) for s in batch["seen_item_ids"]]
         contexts = p.example_contexts(batch, "retriever") if p.retriever is not None else None
         rank_contexts = p.example_contexts(batch, "ranker") if p.ranker is not None else None
         mask = np.zeros((n, len(items)), dtype=bool)
@@ -186,6 +186,10 @@ def rank_split(settings: EvalSettings, split: str, retriever: str | None, ranker
         ds = ds.filter(lambda row: row["user_id"] in keep)
     # read before the actors start: actors holding every CPU would leave the read tasks none
     ds = ds.materialize()
+    total = ds.count()
+    # held-out repeats are not scored (metrics.repeats_history); the baselines skip the same users
+    ds = ds.filter(lambda row: not repeats_history(row["target_item_id"], row["seen_item_ids"])).materialize()
+    repeats = total - ds.count()
     # a small split is one block: split it so every actor gets a share
     ds = ds.repartition(max(1, min(ds.count() // settings.batch_size, 4 * actors))).materialize()
     predictor = {"retriever": retriever, "ranker": ranker, "items": settings.data,
@@ -201,7 +205,7 @@ def rank_split(settings: EvalSettings, split: str, retriever: str | None, ranker
     )
     rows = ranked.to_pandas()
     rows = rows.sort_values("user_id", kind="stable").reset_index(drop=True)
-    return {c: rows[c].to_numpy() for c in rows.columns}
+    return {**{c: rows[c].to_numpy() for c in rows.columns}, "repeats_left_out": repeats}
 
 
 # --- aggregation ---------------------------------------------------------------------------------
@@ -254,12 +258,13 @@ def evaluate(settings: EvalSettings) -> dict:
     def add(name: str, protocol: str, per_seed: list[dict], extra: dict | None = None):
         models[name] = {**aggregate(per_seed), "protocol": protocol, "per_seed": per_seed, **(extra or {})}
 
-    num_users = None
+    num_users = repeats_left_out = None
     if settings.baselines:
         base = baseline_ranks(settings.data, settings.max_users)
         for name in ("popularity", "EASE"):
             add(name, "full", [metrics_of(base[name]["ranks"])], {"params": base[name]["params"]})
         num_users = len(base["_users"]["ids"])
+        repeats_left_out = base["_users"]["repeats_left_out"]
     rankers = settings.rankers
     if rankers and len(rankers) == 1 and len(settings.checkpoints) > 1:
         rankers = rankers * len(settings.checkpoints)
@@ -275,6 +280,7 @@ def evaluate(settings: EvalSettings) -> dict:
         test = rank_split(settings, "test", ckpt, ranker, beta,
                           sampled=settings.sampled_negatives if settings.sampled else 0)
         num_users = num_users or len(test["user_id"])
+        repeats_left_out = test["repeats_left_out"]
         if ckpt is not None:
             per.setdefault("retriever", []).append(metrics_of(test["rank_retriever"]))
             j = list(settings.betas).index(beta)
@@ -304,7 +310,8 @@ def evaluate(settings: EvalSettings) -> dict:
         "data_fingerprint": manifest.get("fingerprint"),
         "num_items": manifest.get("counts", {}).get("items"),
         "num_users": num_users,
-        "protocol": "leave-last-out, full ranking, history masked, ties pessimistic",
+        "protocol": "leave-last-out, full ranking, history masked, repeated targets left out, ties pessimistic",
+        "repeat_targets_left_out": repeats_left_out,
         "ks": list(DEFAULT_KS),
         "models": models,
         "notes": notes,

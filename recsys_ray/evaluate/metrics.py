@@ -1,7 +1,9 @@
 """Offline ranking metrics for the full-ranking, leave-last-out protocol (see DESIGN.md).
 
 Every user's held-out item is ranked against ALL catalogue items, with the items already in the
-user's history masked out. Ties are resolved pessimistically: an item scoring the same as the
+user's history masked out. A held-out event that repeats an item of the user's history is left out
+of the evaluation (and counted, :func:`repeats_history`): unmasking just the target would make the
+candidate set depend on the label, and masking it would make the hit impossible. Ties are resolved pessimistically: an item scoring the same as the
 target ranks above it, so a model that gives every item the same score gets the worst rank, not a
 lucky one. Ranks are 0-based (rank 0 = first place).
 
@@ -23,6 +25,13 @@ HEADLINE: tuple[str, ...] = ("ndcg@10", "hr@10")  # the headline metrics (NDCG@1
 
 # A (U, I) boolean mask: dense numpy or any scipy.sparse matrix/array (histories are sparse).
 Mask = np.ndarray | sp.spmatrix | sp.sparray
+
+
+def repeats_history(target: str, seen: Sequence[str]) -> bool:
+    """Whether a held-out event repeats an item the user already had: the protocol scores only
+    new items, each against the catalogue minus the user's whole history (a set that does not
+    depend on the label). Training validation, evaluation and the baselines all use this rule."""
+    return target in seen
 
 
 # --- input checks -------------------------------------------------------------------------------

@@ -288,11 +288,17 @@ class BertRecommender(nn.Module):
         """Load the model files of a checkpoint directory whose recsys_ray.json names this kind
         (called by :func:`recsys_ray.model.kinds.load_model`, which reads and checks the config)."""
         path = Path(path)
+        # without its files AutoTokenizer still builds a tokenizer (of the special tokens only)
+        if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
+            raise RecsysError(f"{path}: cannot read config or tokenizer (no tokenizer.json or vocab.txt)")
         try:
             bert_config = BertConfig.from_json_file(str(path / checkpoint.BERT_CONFIG_FILE))
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError) as exc:
             raise RecsysError(f"{path}: cannot read config or tokenizer ({one_line(exc)})") from None
+        if len(tokenizer) > bert_config.vocab_size:
+            raise RecsysError(f"{path}: the tokenizer has {len(tokenizer)} tokens, the encoder's vocabulary "
+                              f"{bert_config.vocab_size}: they come from different models")
         try:
             state = load_file(str(path / checkpoint.WEIGHTS_FILE), device="cpu")
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
@@ -402,7 +408,8 @@ class Retriever(BertRecommender):
     def full_ranks(self, rows: list[dict], catalogue: Catalogue, item_vecs: torch.Tensor, special, device,
                    batch_size: int, contexts: Callable[[list[dict]], list[list[int]]]) -> list[int]:
         """Rank of each validation row's target among every catalogue item (its seen items
-        masked, ties against it); ``contexts(chunk)`` builds a chunk of rows' model inputs."""
+        masked, ties against it); ``contexts(chunk)`` builds a chunk of rows' model inputs.
+        Rows whose target repeats a seen item are not given (``metrics.repeats_history``)."""
         ranks: list[int] = []
         for s in range(0, len(rows), batch_size):
             chunk = rows[s : s + batch_size]
@@ -413,6 +420,5 @@ class Retriever(BertRecommender):
             seen = np.zeros_like(scores, dtype=bool)
             for j, r in enumerate(chunk):
                 seen[j, [catalogue.index[i] for i in r["seen_item_ids"]]] = True
-            seen[np.arange(len(chunk)), target] = False  # a repeated item is still the target
             ranks.extend(target_ranks(scores, target, seen).tolist())
         return ranks

@@ -33,7 +33,7 @@ from recsys_ray.checkpoint import (
 from recsys_ray.config import build_config, to_dict
 from recsys_ray.data import layout
 from recsys_ray.data.catalogue import Catalogue
-from recsys_ray.evaluate.metrics import DEFAULT_KS, MetricAccumulator
+from recsys_ray.evaluate.metrics import DEFAULT_KS, MetricAccumulator, repeats_history
 from recsys_ray.model import kinds
 from recsys_ray.model.base import BertRecommender, ValidationSettings
 from recsys_ray.model.tokenizer import load_tokenizer, special_ids
@@ -153,6 +153,8 @@ def setup_worker(cfg: TrainConfig, run: dict) -> Worker:
     # small tables, read straight from the data directory (shared path or s3://) by every worker
     catalogue = Catalogue.from_data_dir(run["data"])
     valid_rows = layout.read_split_rows(run["data"], "valid")
+    # the evaluation protocol: a held-out repeat of a history item is not scored
+    valid_rows = [r for r in valid_rows if not repeats_history(r["target_item_id"], r["seen_item_ids"])]
     if cfg.eval.max_users:
         valid_rows = valid_rows[: cfg.eval.max_users]
     tokenizer = load_tokenizer(cfg.model.encoder)

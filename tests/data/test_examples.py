@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -114,7 +116,24 @@ def test_examples_contexts_most_recent_first_and_splits(tokenizer):
     for e in ex:
         if e["split"] == "train":
             assert len(e["negative_item_ids"]) == 2
-            assert not set(e["negative_item_ids"]) & set("abcde")  # never one of the user's items
+            assert not set(e["negative_item_ids"]) & set("abc")  # never one of the user's train items
+
+
+def test_train_negatives_may_be_the_users_future_items():
+    """Negatives are drawn from what is known at training time: excluding the user's validation
+    and test items would leak them (they would never be negatives, so the model learns they are
+    not)."""
+    builder, _ = _builder()
+    # 8 catalogue items: u1 trained on a, b; valid c, test d; e-h were never the user's
+    seq = build_sequences(_events([("u1", c, i, 0, i) for i, c in enumerate("abcd")]), 3)
+    drawn = set()
+    for seed in range(40):
+        builder.s = dataclasses.replace(builder.s, seed=seed)
+        for e in builder(seq).to_pylist():
+            if e["split"] == "train":
+                assert not set(e["negative_item_ids"]) & {"a", "b"}
+                drawn |= set(e["negative_item_ids"])
+    assert {"c", "d"} <= drawn  # the future items are drawn as negatives like any other item
 
 
 def test_context_ids_equal_the_tokenizers_own_output(tokenizer):

@@ -49,7 +49,8 @@ def _cfg(tmp_path, **extra):
 def small_log(tmp_path):
     (tmp_path / "items.csv").write_text(ITEMS)
     (tmp_path / "log.csv").write_text(LOG)
-    (tmp_path / "users.csv").write_text("user_id,age,city\nu1,30,Paris\nu2,41,Lyon\nu1,99,Dup\n")
+    # u1 twice (the first row wins), a row without an id, u9 has no event
+    (tmp_path / "users.csv").write_text("user_id,age,city\nu1,30,Paris\nu2,41,Lyon\nu1,99,Dup\n ,20,Nowhere\nu9,50,Nice\n")
     return tmp_path
 
 
@@ -76,12 +77,16 @@ def test_small_log_counts_reconcile_and_split_is_right(ray_session, small_log):
     assert test["u1"]["context_text"].startswith("age: 30 | city: Paris | history: Beta | genre: comedy ; Gamma")
     train = read_split(small_log / "out", "train").to_pylist()
     assert sorted((r["user_id"], r["target_item_id"]) for r in train) == [("u1", "i3"), ("u3", "i2")]
-    for r in train:  # negatives are never items of that user
-        user_items = {"u1": {"i1", "i2", "i3", "i4"}, "u3": {"i1", "i2"}}[r["user_id"]]
-        # 5 catalogue items: u1 has 4 (its i5 event was rejected), so only i5 is left for it
-        assert len(r["negative_item_ids"]) == min(2, 5 - len(user_items))
+    for r in train:  # negatives are never the user's train-time items (valid/test items may be)
+        user_items = {"u1": {"i1", "i3"}, "u3": {"i1", "i2"}}[r["user_id"]]
+        assert len(r["negative_item_ids"]) == 2
         assert not set(r["negative_item_ids"]) & user_items
     assert c["users_with_profile"] == 2
+    assert c["user_rows"] == {"read": 5, "rejected_by_reason": {"missing_user_id": 1}, "duplicates_ignored": 1,
+                              "profiles_without_events": 1}
+    user_rejects = pads.dataset(str(small_log / "out" / "user_rejects")).to_table().to_pylist()
+    assert [(r["source_row"], r["reason"], r["detail"]) for r in user_rejects] == [(3, "missing_user_id", "user_id is empty")]
+    assert json.loads(user_rejects[0]["raw"]) == {"user_id": " ", "age": "20", "city": "Nowhere"}
     assert m["tokenizer"]["vocab_size"] == 30522
     on_disk = json.loads((small_log / "out" / "manifest.json").read_text())
     assert on_disk["fingerprint"] == m["fingerprint"]
@@ -103,6 +108,16 @@ def test_same_log_as_jsonl_and_parquet_gives_the_same_examples(ray_session, smal
     assert read_split(small_log / "o3", "test").sort_by("user_id").equals(base)
 
 
+def test_min_value_keeps_only_the_positive_events(ray_session, small_log):
+    m = prepare(_cfg(small_log, min_value=4))
+    c = m["counts"]
+    assert c["rows_read"] == 13 == c["events_accepted"] + c["events_rejected"]
+    # ratings 5, 4, 4, 5 survive (u1: i1 i3 i2; u3: i2); the rest were 1-3 or bad before the filter
+    assert c["rejects_by_reason"] == {"unknown_item": 1, "missing_user_id": 1, "bad_timestamp": 1, "bad_value": 1,
+                                      "below_min_value": 5}
+    assert c["events_accepted"] == 4 and c["users_split"] == 1
+
+
 def test_rerun_into_the_same_output_replaces_it(ray_session, small_log):
     first = prepare(_cfg(small_log))
     second = prepare(_cfg(small_log))
@@ -122,6 +137,8 @@ def test_rerun_into_the_same_output_replaces_it(ray_session, small_log):
         ({"dataset": "ALLBAD"}, "every one of the 1 events"),
         ({"items": "DUPITEMS"}, "duplicate item_id 'i1' at rows 0 and 1"),
         ({"users": "BADUSERS"}, "missing column 'user_id'"),
+        ({"columns": {}, "min_value": 4}, "min_value=4: the log at .* has no value column"),
+        ({"event_types": ["buy"]}, "event_types: the log at .* has no event column"),
     ],
 )
 def test_bad_input_fails_with_one_clear_line(ray_session, small_log, change, message):
@@ -135,7 +152,7 @@ def test_bad_input_fails_with_one_clear_line(ray_session, small_log, change, mes
         if isinstance(v, str):
             v = str(small_log / names[v]) if v in names else v.replace("MISSING", str(small_log / "missing"))
         fixed[k] = v
-    with pytest.raises(DataError, match=message) as info:
+    with pytest.raises(RecsysError, match=message) as info:
         prepare(_cfg(small_log, **fixed))
     assert "\n" not in str(info.value)
 

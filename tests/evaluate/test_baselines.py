@@ -130,16 +130,22 @@ def test_tune_ease_l2_picks_the_best_validation_ndcg():
     assert tune_ease_l2(sp.csr_matrix(X), targets, candidates, batch_size=7)[1] == results
 
 
-def test_tune_ease_l2_unmasks_a_repeated_target():
-    # User 0's validation item 1 is also in its train history: it must still be rankable.
-    X = sp.csr_matrix(np.array([[1, 1, 0], [1, 1, 1], [0, 1, 1]], dtype=float))
-    best, results = tune_ease_l2(X, np.array([1, -1, -1]), candidates=(1.0,))
-    assert best == 1.0
-    # Item 1 is unmasked; item 0 (seen) is masked; item 2 is the only competitor.
-    B = ease_fit(X, 1.0)
-    s = (X[0] @ B).ravel()
-    rank = int(s[2] >= s[1])
-    assert results[1.0] == pytest.approx(1 / math.log2(rank + 2))
+def test_tune_ease_l2_leaves_a_repeated_target_out():
+    # 6 items. User 0's validation item 1 is already in its train history: not scored.
+    # User 1 (history 0, 1; target 4) is ranked against the 3 other unseen items 2, 3, 5.
+    X = np.array([[1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 1, 1, 0, 1, 0], [1, 0, 1, 1, 0, 1],
+                  [0, 0, 1, 1, 1, 0]], dtype=float)
+    best, results = tune_ease_l2(sp.csr_matrix(X), np.array([1, 4, -1, -1, -1]), candidates=(1.0, 10.0))
+    for l2 in (1.0, 10.0):
+        P = np.linalg.inv(X.T @ X + l2 * np.eye(6))  # the closed form, by hand
+        B = -P / np.diag(P)[None, :]
+        np.fill_diagonal(B, 0.0)
+        s = X[1] @ B
+        rank = sum(s[i] >= s[4] for i in (2, 3, 5))
+        assert results[l2] == pytest.approx(1 / math.log2(rank + 2)), l2
+    assert best == max(results, key=lambda l2: (results[l2], -l2))
+    with pytest.raises(ValueError, match="not a repeat"):  # only repeats: nothing to score
+        tune_ease_l2(sp.csr_matrix(X), np.array([1, -1, -1, -1, -1]), candidates=(1.0,))
 
 
 # --- item-kNN -----------------------------------------------------------------------------------

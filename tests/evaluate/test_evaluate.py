@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,11 +89,11 @@ def test_an_oracle_model_gets_ndcg_1_and_seen_items_never_count():
     assert m["ndcg@10"] == 1.0 and m["hr@5"] == 1.0 and m["mrr"] == 1.0
 
 
-def test_ranks_are_pessimistic_and_a_repeated_target_is_not_masked():
-    items = _catalogue(4)
-    scores = np.array([[2.0, 2.0, 2.0, 5.0]])  # target "0" tied with "1" and "2"
-    batch = {"user_id": np.array(["u"]), "target_item_id": ["0"], "seen_item_ids": [["0", "3"]], "context_ids": [[1]]}
-    # "0" is in the history too (a repeat): still the target; "3" is masked; ties count against it
+def test_ranks_are_pessimistic_and_seen_items_are_masked():
+    items = _catalogue(5)
+    scores = np.array([[2.0, 2.0, 2.0, 5.0, 1.0]])  # target "0" tied with "1" and "2"
+    batch = {"user_id": np.array(["u"]), "target_item_id": ["0"], "seen_item_ids": [["3"]], "context_ids": [[1]]}
+    # "3" is masked; ties count against the target; "4" scores lower
     assert _udf_with(items, scores)(batch)["rank_b0"].tolist() == [2]
 
 
@@ -125,32 +126,55 @@ def test_report_shows_each_metric_once():
 
 
 def _hand_made_data(root: Path) -> str:
-    """items a..e; 4 users with ordered histories: train = all but the last two, valid, test."""
+    """items a..h; 5 users with ordered histories: train = the first n_train, then valid, test."""
     (root / "items").mkdir(parents=True)
     (root / "sequences").mkdir()
-    pq.write_table(pa.table({"item_id": list("abcde"), "text": list("abcde"), "input_ids": [[1]] * 5}),
+    pq.write_table(pa.table({"item_id": list("abcdefgh"), "text": list("abcdefgh"), "input_ids": [[1]] * 8}),
                    root / "items" / "items.parquet")
-    seqs = {"u1": list("abcd"), "u2": list("abce"), "u3": list("bcae"), "u4": list("cebad")}
+    # u5's test item a repeats its history: left out by the protocol
+    seqs = {"u1": list("abcd"), "u2": list("abce"), "u3": list("bcae"), "u4": list("cebad"), "u5": list("abca")}
     pq.write_table(pa.table({
         "user_id": list(seqs), "item_ids": list(seqs.values()),
-        "n_train": [2, 2, 2, 3],
+        "n_train": [2, 2, 2, 3, 2],
     }), root / "sequences" / "part-0.parquet")
-    (root / "manifest.json").write_text(json.dumps({"counts": {"items": 5}, "text": {}}))
+    (root / "manifest.json").write_text(json.dumps({"counts": {"items": 8}, "text": {}}))
     return str(root)
+
+
+def _ease_by_hand(X: np.ndarray, l2: float) -> np.ndarray:
+    """Steck (2019), closed form: B = I - P diagMat(1 / diag(P)), P = (X'X + l2 I)^-1."""
+    P = np.linalg.inv(X.T @ X + l2 * np.eye(X.shape[1]))
+    B = -P / np.diag(P)[None, :]
+    np.fill_diagonal(B, 0.0)
+    return B
 
 
 def test_popularity_and_ease_rank_a_hand_made_log_as_computed_by_hand(tmp_path):
     data = _hand_made_data(tmp_path)
     out = baseline_ranks(data)
     assert out["_users"]["ids"] == ["u1", "u2", "u3", "u4"]
-    # popularity over everything before each test event: a:4, b:4, c:4, e:1 (u4), d:0
-    # u1 (history a,b,c; target d): unseen d(0), e(1) -> rank 1
-    # u2 (a,b,c; target e): unseen d(0), e(1) -> rank 0;  u3 (b,c,a; target e): rank 0
-    # u4 (c,e,b,a; target d): d is the only unseen item -> rank 0
-    assert out["popularity"]["ranks"].tolist() == [1, 0, 0, 0]
-    # EASE: ranks are valid positions among the two unseen items, l2 chosen from the candidates
-    assert set(out["EASE"]["ranks"].tolist()) <= {0, 1}
-    assert out["EASE"]["params"]["l2"] > 0
+    assert out["_users"]["repeats_left_out"] == 1  # u5
+    # popularity over everything before each test event (users count once per item):
+    # a:5 b:5 c:5 e:1, d f g h: 0; ties rank above the target (pessimistic)
+    # u1 (a,b,c; target d): unseen d e f g h -> e above, f g h tie -> rank 4
+    # u2, u3 (target e): e is the best unseen item -> rank 0
+    # u4 (c,e,b,a; target d): unseen d f g h, all 0 -> rank 3
+    assert out["popularity"]["ranks"].tolist() == [4, 0, 0, 3]
+    # EASE: the closed form computed here, on everything before each user's test event (u5 included)
+    l2 = out["EASE"]["params"]["l2"]
+    curve = {float(k): v for k, v in out["EASE"]["params"]["valid_ndcg@10_by_l2"].items()}
+    assert curve[l2] == max(curve.values())
+    X = np.zeros((5, 8))
+    for u, hist in enumerate(["abc", "abc", "bca", "ceba", "abc"]):
+        X[u, ["abcdefgh".index(c) for c in hist]] = 1
+    S = X @ _ease_by_hand(X, l2)
+    expected = []
+    for u, target in zip(range(4), "deed", strict=True):
+        t = "abcdefgh".index(target)
+        unseen = [i for i in range(8) if X[u, i] == 0 and i != t]
+        expected.append(sum(S[u, i] >= S[u, t] for i in unseen))
+    assert out["EASE"]["ranks"].tolist() == expected
+    assert len(set(expected)) > 1 and max(expected) >= 2  # a wrong model could rank otherwise
 
 
 # --- the predictor -------------------------------------------------------------------------------
@@ -195,10 +219,38 @@ def test_predictor_refuses_a_checkpoint_of_the_wrong_kind(tiny_models):
 # --- the job end to end --------------------------------------------------------------------------
 
 
+def _with_one_repeat(data: str, dst: Path) -> str:
+    """A copy of prepared data in which the first user's test item repeats its first item."""
+    import pyarrow.dataset as pads
+
+    shutil.copytree(data, dst)
+    seq = pads.dataset(dst / "sequences").to_table()
+    first = min(seq["user_id"].to_pylist())
+    rows = seq.to_pylist()
+    for r in rows:
+        if r["user_id"] == first:
+            r["item_ids"][-1] = r["item_ids"][0]
+    shutil.rmtree(dst / "sequences")
+    (dst / "sequences").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=seq.schema), dst / "sequences" / "part-0.parquet")
+    part = dst / "examples" / "split=test"
+    test = pads.dataset(part).to_table()
+    rows = test.to_pylist()
+    for r in rows:
+        if r["user_id"] == first:
+            r["target_item_id"] = r["seen_item_ids"][0]
+    shutil.rmtree(part)
+    part.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=test.schema), part / "part-0.parquet")
+    return str(dst)
+
+
 def test_evaluate_writes_metrics_report_and_plots_for_every_model(ray_session, syn_data, tiny_models, tmp_path, s3_server):
-    # data, one checkpoint and the output on S3 (the local test server), the rest local
+    # data, one checkpoint and the output on S3 (the local test server), the rest local; the
+    # first user's test event repeats a history item: left out by every model and baseline
+    data = _with_one_repeat(syn_data, tmp_path / "data")
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="evaluate")
-    storage.upload_dir(syn_data, "s3://evaluate/data")
+    storage.upload_dir(data, "s3://evaluate/data")
     storage.upload_dir(tiny_models["retriever"], "s3://evaluate/retriever")
     out = "s3://evaluate/eval"
     settings = EvalSettings(data="s3://evaluate/data", checkpoints=["s3://evaluate/retriever", tiny_models["retriever2"]],
@@ -218,7 +270,10 @@ def test_evaluate_writes_metrics_report_and_plots_for_every_model(ray_session, s
     for png in ("ndcg_at_k.png", "hr_at_k.png", "headline.png"):
         assert storage.info(f"{out}/{png}").size > 5000
     saved = json.loads(storage.read_text(f"{out}/metrics.json"))
-    assert saved["num_users"] == 40
+    assert saved["num_users"] == 39 and saved["repeat_targets_left_out"] == 1
+    assert "repeated targets left out" in saved["protocol"]
+    for name in ("EASE", "retriever", "two-stage"):
+        assert all(m["num_users"] == 39 for m in result["models"][name]["per_seed"]), name
     # a retrieval miss stays a miss: two-stage HR@N can never beat the retriever's recall@N
     recall = result["models"]["two-stage"]["retriever_recall@N"]["mean"]
     assert result["models"]["two-stage"]["mean"]["hr@10"] <= recall + 1e-9

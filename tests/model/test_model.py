@@ -423,6 +423,45 @@ def test_s3_encoder_is_copied_to_the_cache_once(tmp_path, monkeypatch):
         server.stop()
 
 
+def _truncate_weights(ckpt: Path) -> None:
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _drop_tokenizer(ckpt: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (ckpt / name).unlink(missing_ok=True)
+
+
+def _edit_json(name: str, change):
+    def damage(ckpt: Path) -> None:
+        import json
+
+        doc = json.loads((ckpt / name).read_text())
+        change(doc)
+        (ckpt / name).write_text(json.dumps(doc))
+    return damage
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_truncate_weights, r"model\.safetensors: unreadable safetensors"),
+    (lambda c: (c / "model.safetensors").unlink(), r"not a recsys_ray checkpoint \(missing model\.safetensors\)"),
+    (_drop_tokenizer, "cannot read config or tokenizer"),
+    (_edit_json("recsys_ray.json", lambda d: d.update(format_version=2)), r"unknown checkpoint format \(expected format_version 1\)"),
+    (_edit_json("recsys_ray.json", lambda d: d["model_config"].update(new_field=1)), r"unknown model_config keys \['new_field'\]"),
+    (_edit_json("recsys_ray.json", lambda d: d["model_config"].update(kind="classifier")), "invalid model_config"),
+    (_edit_json("config.json", lambda d: d.update(hidden_size=64, intermediate_size=64)), "weights do not match the saved config"),
+    (lambda c: (c / "recsys_ray.json").write_text("{not json"), r"recsys_ray\.json: unreadable"),
+])
+def test_a_damaged_checkpoint_fails_at_load_with_the_reason(tokenizer, tmp_path, damage, message):
+    ckpt = tiny(tokenizer, "retriever").save(tmp_path / "ckpt")
+    load_model(ckpt)  # intact: loads
+    damage(ckpt)
+    with pytest.raises(RecsysError, match=message) as err:
+        load_model(ckpt)
+    assert "\n" not in str(err.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # the real pretrained encoder
 
