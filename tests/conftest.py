@@ -91,3 +91,40 @@ def syn_data(ray_session, tmp_path_factory) -> str:
     )
     prepare(cfg)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(syn_data, tokenizer, tmp_path_factory) -> dict[str, str]:
+    """Tiny random retriever + ranker checkpoints over the synthetic catalogue, like train writes them."""
+    import json
+    import shutil
+
+    from recsys_ray.data.catalogue import CATALOGUE_FILE, Catalogue
+    from recsys_ray.model.config import ModelConfig
+    from recsys_ray.model.kinds import from_config
+
+    tiny = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+
+    root = tmp_path_factory.mktemp("serve_ckpt")
+    manifest = json.loads((Path(syn_data) / "manifest.json").read_text())
+    catalogue = Catalogue.from_data_dir(syn_data)
+    out = {}
+    for kind in ("retriever", "ranker"):
+        model = from_config(ModelConfig(kind=kind, tiny=tiny), tokenizer=tokenizer)
+        path = model.save(root / kind, extra={"text": manifest["text"], "train_config": {"max_context_tokens": 64}})
+        catalogue.save(path / CATALOGUE_FILE)
+        out[kind] = str(path)
+    # a checkpoint whose weights are cut short: passes the builder's checks, fails in the replica
+    bad = root / "broken_ranker"
+    shutil.copytree(out["ranker"], bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    out["broken_ranker"] = str(bad)
+    return out
+
+
+@pytest.fixture(scope="session")
+def catalogue_ids(checkpoints) -> list[str]:
+    from recsys_ray.data.catalogue import Catalogue
+
+    return Catalogue.load(checkpoints["retriever"]).ids

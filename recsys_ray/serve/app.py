@@ -28,6 +28,7 @@ or mismatched checkpoint fails :func:`build_app` (local paths) or the replica co
 import asyncio
 import collections
 import logging
+import math
 import os
 import re
 import time
@@ -312,6 +313,21 @@ def _last_error_line(message: str) -> str:
     """The exception line at the end of a Serve status message (which carries a whole traceback)."""
     lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", message or "").splitlines() if ln.strip()]
     return lines[-1] if lines else "no message"
+
+
+def admission_limits(capacity_rps: float, budget_s: float, ingress_replicas: int) -> dict:
+    """``RecsysAPI`` options that bound how long an admitted request can wait: Little's law, at
+    most ``budget_s * capacity_rps`` requests in the app at once (``capacity_rps``: what the whole
+    app serves, measured: ``jobs/bench_serve.py`` or a closed loop). Three quarters of them may be
+    in the ingress replicas (``max_ongoing_requests``, split over the replicas), a quarter waiting
+    in each proxy (``max_queued_requests``); everything beyond is refused by the proxy at once with
+    503 + Retry-After. The model deployments' own queues are left larger, so refusals happen at
+    the door, before any work is spent on them."""
+    if capacity_rps <= 0 or budget_s <= 0 or ingress_replicas < 1:
+        raise ValueError("capacity_rps and budget_s must be > 0, ingress_replicas >= 1")
+    admitted = max(2, int(budget_s * capacity_rps))
+    return {"max_ongoing_requests": max(1, math.ceil(0.75 * admitted / ingress_replicas)),
+            "max_queued_requests": max(1, math.ceil(0.25 * admitted))}
 
 
 @serve.deployment(

@@ -185,9 +185,14 @@ def setup_worker(cfg: TrainConfig, run: dict) -> Worker:
         with checkpoint.as_directory() as d:
             w.progress = load_train_state(d, optimizer, scheduler)
         w.resumed = True
+        # every restart (a worker or node lost, a new job of the same run) is recorded in the
+        # checkpoints that follow and in each report: the summary says what was resumed from where
+        w.progress["resumed_from"] = [*w.progress.get("resumed_from", []), w.progress["global_step"]]
         set_seed(cfg.seed + rank + 7919 * w.progress["global_step"])  # fresh, reproducible stream after resume
         if rank == 0:
-            log.info("resumed from step %d (epoch %d)", w.progress["global_step"], w.progress["epoch"])
+            log.info("resumed from the checkpoint of step %d (epoch %d, step %d of it); restart %d of this run",
+                     w.progress["global_step"], w.progress["epoch"], w.progress["step_in_epoch"],
+                     len(w.progress["resumed_from"]))
     return w
 
 
@@ -304,7 +309,11 @@ def worker_records(w: Worker) -> list[dict]:
 
 
 def save_and_report(w: Worker, state: dict, metrics: dict) -> None:
-    """Rank 0 writes the checkpoint directory; every rank reports the same metrics (a barrier)."""
+    """Rank 0 writes the checkpoint directory; every rank reports the same metrics (a barrier).
+    Both carry the run's restarts so far (``resumed_from``: the step each restart resumed at)."""
+    resumed_from = list(w.progress.get("resumed_from", []))
+    state = {**state, "resumed_from": resumed_from}
+    metrics = {**metrics, "restarts": len(resumed_from), "resumed_from_step": resumed_from[-1] if resumed_from else -1}
     workers = worker_records(w)  # a collective: every rank takes part
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None

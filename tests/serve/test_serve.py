@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import json
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,62 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
 from recsys_ray.errors import ConfigError
-from recsys_ray.model.kinds import from_config
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 MAX_CANDIDATES = 8
 RERANK_TOP = 12
 SMALL_REPLICA = {"ray_actor_options": {"num_cpus": 0.5}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def checkpoints(syn_data, tokenizer, tmp_path_factory) -> dict[str, str]:
-    """Tiny random retriever + ranker checkpoints over the synthetic catalogue, like train writes them."""
-    from recsys_ray.data.catalogue import CATALOGUE_FILE, Catalogue
-    from recsys_ray.model.config import ModelConfig
-
-    root = tmp_path_factory.mktemp("serve_ckpt")
-    manifest = json.loads((Path(syn_data) / "manifest.json").read_text())
-    catalogue = Catalogue.from_data_dir(syn_data)
-    out = {}
-    for kind in ("retriever", "ranker"):
-        model = from_config(ModelConfig(kind=kind, tiny=TINY), tokenizer=tokenizer)
-        path = model.save(root / kind, extra={"text": manifest["text"], "train_config": {"max_context_tokens": 64}})
-        catalogue.save(path / CATALOGUE_FILE)
-        out[kind] = str(path)
-    # a checkpoint whose weights are cut short: passes the builder's checks, fails in the replica
-    bad = root / "broken_ranker"
-    import shutil
-
-    shutil.copytree(out["ranker"], bad)
-    weights = bad / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
-    out["broken_ranker"] = str(bad)
-    return out
-
-
-@pytest.fixture(scope="module")
-def catalogue_ids(checkpoints) -> list[str]:
-    from recsys_ray.data.catalogue import Catalogue
-
-    return Catalogue.load(checkpoints["retriever"]).ids
-
-
-@pytest.fixture(scope="module")
-def serve_port(ray_session):
-    from ray import serve
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield port
-    serve.shutdown()
 
 
 def deploy(name: str, args: dict, options: dict | None = None) -> None:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -211,27 +215,43 @@ def test_two_worker_run_learns_and_its_checkpoint_reloads_to_the_reported_scores
     assert m["ndcg@10"] > untrained["ndcg@10"] and m["hr@10"] > untrained["hr@10"], (m, untrained)
 
 
-class FailOnce:
-    """A step hook: rank 0 raises at ``step`` of a run that did not resume (a worker fault)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def __call__(self, global_step: int, rank: int, resumed: bool) -> None:
-        if global_step == self.step and rank == 0 and not resumed:
-            raise RuntimeError(f"injected failure at step {global_step}")
-
-
 # the hook travels to the Train workers by value: they cannot import this test module
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def test_a_failed_run_resumes_from_its_checkpoint_and_ends_at_the_same_step(syn_data, tmp_path):
-    # fault tolerance inside one run: rank 0 dies after the first checkpoint, Ray Train restarts;
-    # mid-epoch checkpoints every 5 steps are reported unvalidated (lowest score), never "best"
+def test_a_train_worker_killed_from_outside_restarts_from_the_latest_checkpoint(syn_data, tmp_path, ray_session):
+    """SIGKILL of a Train worker *process* (from outside, not an exception of ours) after the first
+    mid-epoch checkpoint: Ray Train's FailureConfig restarts the group from that checkpoint by
+    itself and the run ends as an uninterrupted one would: same steps, epochs and kind of final
+    checkpoint. Mid-epoch checkpoints (every 5 steps) are reported unvalidated, never "best"."""
+    from fault_helpers import alive_actor_pids
+
     cfg = _cfg(syn_data, tmp_path, epochs=2, max_steps_per_epoch=10, max_failures=1, name="ft",
                checkpoint_every_steps=5, keep_checkpoints=4)
-    res = fit(cfg, step_hooks=[FailOnce(14)])
+    run_dir = tmp_path / "runs" / "ft"
+    killed: dict = {}
+
+    def kill_a_worker_after_the_first_checkpoint():
+        # the controller lists a checkpoint in its snapshot once the report is registered (the
+        # files appear earlier, while they are still being written)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not registered_checkpoints(run_dir):
+            time.sleep(0.1)
+        workers = alive_actor_pids("RayTrainWorker")
+        if workers:
+            os.kill(workers[-1], signal.SIGKILL)
+            killed.update(pid=workers[-1], at=time.monotonic())
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    t0 = time.monotonic()
+    res = fit(cfg, step_hooks=[SlowFirstRun(0.4)])
+    killer.join(timeout=5)
+    assert killed, "no Train worker process was found to kill"
+    final = res["final"]
+    print(f"FAULT train worker SIGKILL {killed['at'] - t0:.1f} s into the run: restarts {final['restarts']}, "
+          f"resumed from step {final['resumed_from_step']}, ended at step {final['global_step']}, run {res['seconds']} s")
+    assert final["restarts"] == 1 and final["resumed_from_step"] in (5, 10, 15), final
     assert res["final"]["global_step"] == 20 and res["final"]["epoch"] == 2
     snapshot = json.loads((Path(res["run"]) / "checkpoint_manager_snapshot.json").read_text())
     steps = {r["metrics"]["global_step"]: r["metrics"] for r in snapshot["checkpoint_results"]}
@@ -248,6 +268,66 @@ def test_a_failed_run_resumes_from_its_checkpoint_and_ends_at_the_same_step(syn_
     (latest / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(RecsysError, match="unreadable safetensors"):
         fit(_cfg(syn_data, tmp_path, epochs=4, max_steps_per_epoch=10, name="ft"))
+
+
+def registered_checkpoints(run_dir: Path) -> list[dict]:
+    try:
+        return json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+class SlowFirstRun:
+    """A step hook: steps of the first attempt take ``seconds`` more, leaving a fault time to land."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __call__(self, global_step: int, rank: int, resumed: bool) -> None:
+        if not resumed:
+            time.sleep(self.seconds)
+
+
+def test_a_killed_training_driver_is_continued_by_the_same_command_from_s3(syn_data, tmp_path, ray_session, s3_server):
+    """The driver of a job (``python jobs/train.py`` joined to the cluster, as ``ray job submit``
+    runs it) is SIGKILLed after its first checkpoint reached ``s3://``; the same command again
+    continues from that checkpoint and ends where an uninterrupted run ends. (A new job after a
+    finished local run is the test above: the code path is the same, ``storage_path`` local.)"""
+    import boto3
+
+    from recsys_ray import storage
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="jobs")
+    run = "s3://jobs/runs/driver-kill"
+    cmd = [sys.executable, "jobs/train.py", "--config", "configs/tiny.yaml", "--set", f"data={syn_data}",
+           "--set", "storage_path=s3://jobs/runs", "--set", "name=driver-kill", "--set", "epochs=2",
+           "--set", "max_steps_per_epoch=30", "--set", "checkpoint_every_steps=5", "--set", "num_workers=1",
+           "--set", "log_every=100"]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t0 = time.monotonic()
+    snapshot = storage.join(run, "checkpoint_manager_snapshot.json")
+    try:
+        while time.monotonic() - t0 < 240 and first.poll() is None:
+            text = storage.read_text(snapshot)
+            if text and json.loads(text)["checkpoint_results"]:
+                break
+            time.sleep(0.2)
+        assert first.poll() is None, "the first run ended before it could be killed:\n" + first.stdout.read()[-2000:]
+        first.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic() - t0
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stderr[-3000:]
+    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    final = summary["final"]
+    print(f"FAULT train driver SIGKILL {killed_at:.1f} s in; the same command again: restarts {final['restarts']}, "
+          f"resumed from step {final['resumed_from_step']}, ended at step {final['global_step']} ({summary['seconds']} s)")
+    assert final["global_step"] == 60 and final["epoch"] == 2, final  # as an uninterrupted run
+    assert final["restarts"] == 1 and final["resumed_from_step"] >= 5, final
+    assert summary["best_checkpoint"].startswith(run + "/checkpoint_")
 
 
 def test_missing_resources_end_the_job_instead_of_waiting_forever(syn_data, tmp_path, ray_session):

@@ -1,0 +1,179 @@
+"""Serving faults on the local Ray, loopback only, bounded in time and count: replicas SIGKILLed
+under steady load, an open loop far beyond capacity, redeploys and a shutdown with requests in
+flight. Each test prints one ``FAULT {...}`` JSON line: the figures docs/reliability.md quotes
+(``pytest tests/serve/test_serve_faults.py -s -k NAME`` reproduces one)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from fault_helpers import alive_actor_pids
+
+from recsys_ray.bench.serve import closed_loop, open_loop
+
+pytestmark = pytest.mark.slow
+
+REQUEST_TIMEOUT_S = 10  # what prod.yaml sets: an unanswered request gets a 408 after this
+SERVE_HTTP_OPTIONS = {"request_timeout_s": REQUEST_TIMEOUT_S}
+APP = "faults"
+SMALL = {"ray_actor_options": {"num_cpus": 0.25}}
+
+
+def report(name: str, **figures) -> None:
+    print("FAULT " + json.dumps({"test": name, **figures}))
+
+
+def deploy_app(checkpoints: dict, replicas: int = 2, retriever: dict | None = None, ingress: dict | None = None,
+               **args) -> None:
+    """Retriever-only app with ``replicas`` Retriever and ``replicas`` ingress (RecsysAPI) replicas."""
+    from ray import serve
+
+    from recsys_ray.serve.api import AppArgs
+    from recsys_ray.serve.app import app_from_args
+
+    options = {"Retriever": {**SMALL, "num_replicas": replicas, **(retriever or {})},
+               "RecsysAPI": {**SMALL, "num_replicas": replicas, **(ingress or {})}}
+    app = app_from_args(AppArgs(checkpoint=checkpoints["retriever"], device="cpu", max_k=20, torch_threads=1, **args),
+                        options)
+    serve.run(app, name=APP, route_prefix=f"/{APP}")
+
+
+def running_replicas(deployment: str) -> int:
+    from ray import serve
+
+    app = serve.status().applications.get(APP)
+    if app is None or deployment not in app.deployments:
+        return 0
+    return app.deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+def kill_one_and_time_replacement(deployment: str, timeout_s: float = 90) -> dict:
+    """SIGKILL one replica process of ``deployment``; seconds until two are RUNNING again."""
+    pids = alive_actor_pids(f"ServeReplica:{APP}:{deployment}")
+    assert len(pids) == 2, (deployment, pids)
+    t0 = time.monotonic()
+    os.kill(pids[0], signal.SIGKILL)
+    while time.monotonic() - t0 < timeout_s:
+        alive = alive_actor_pids(f"ServeReplica:{APP}:{deployment}")
+        if pids[0] not in alive and len(alive) == 2 and running_replicas(deployment) == 2:
+            return {"killed_pid": pids[0], "replacement_ready_s": round(time.monotonic() - t0, 1)}
+        time.sleep(0.2)
+    raise AssertionError(f"{deployment}: no replacement RUNNING {timeout_s} s after the kill")
+
+
+@pytest.fixture(scope="module")
+def bodies(catalogue_ids) -> list[dict]:
+    return [{"user": {"history": catalogue_ids[j: j + 4]}, "k": 10} for j in range(0, 100, 3)]
+
+
+@pytest.fixture(scope="module")
+def url(serve_port, checkpoints):
+    from ray import serve
+
+    deploy_app(checkpoints)
+    yield f"http://127.0.0.1:{serve_port}/{APP}/v1/recommend"
+    serve.delete(APP)
+
+
+def in_thread(fn, *args):
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(result=fn(*args)), daemon=True)
+    thread.start()
+    return thread, box
+
+
+def test_killing_a_model_replica_then_an_ingress_replica_under_steady_load(url, bodies):
+    """20 req/s for 30 s; a Retriever replica is SIGKILLed at 5 s, an ingress replica at 17 s."""
+    rate, duration = 20.0, 30.0
+    thread, box = in_thread(lambda: asyncio.run(open_loop(url, bodies, rate, 0.0, duration, 0, seed=1, drain_s=20)))
+    t0 = time.monotonic()
+    time.sleep(5)
+    retriever = kill_one_and_time_replacement("Retriever")
+    time.sleep(max(0.0, 17 - (time.monotonic() - t0)))
+    ingress = kill_one_and_time_replacement("RecsysAPI")
+    thread.join(timeout=duration + 60)
+    load = box["result"]
+    report("replica_kills", offered_rps=rate, duration_s=duration, requests=load["requests"],
+           error_rate=load["error_rate"], rate_503=load["rate_503"], p99_ms=load["p99_ms"], max_ms=load["max_ms"],
+           unanswered=load["unanswered"], retriever=retriever, ingress=ingress)
+    assert load["requests"] >= 0.9 * rate * duration
+    assert load["error_rate"] + load["rate_503"] < 0.01, load  # under 1% of requests fail
+    assert load["unanswered"] == 0 and load["max_ms"] < REQUEST_TIMEOUT_S * 1000 + 1000, load  # nothing hangs
+    assert requests.post(url, json=bodies[0], timeout=30).status_code == 200
+
+
+def test_overload_is_refused_fast_with_retry_after_and_the_service_recovers(url, bodies, checkpoints):
+    """Admission sized from the measured cost (serve.app.admission_limits): capacity C of one
+    ingress + one Retriever replica from a closed loop, at most budget x C requests admitted;
+    then an open loop at 3x C for 8 s. (One of each: on 2 cores every extra process takes CPU
+    from the proxy, and the proxy is what refuses.)"""
+    from recsys_ray.serve.app import admission_limits
+
+    budget_s = 0.25  # Little's law: the mean wait of an admitted request at capacity
+    deploy_app(checkpoints, replicas=1)
+    try:
+        capacity = asyncio.run(closed_loop(url, bodies, concurrency=8, warmup_s=1.0, duration_s=4.0,
+                                           pairs_per_request=0))
+        c = capacity["rps"]
+        limits = admission_limits(c, budget_s, ingress_replicas=1)
+        deploy_app(checkpoints, replicas=1, ingress=limits)
+        over = asyncio.run(open_loop(url, bodies, 3 * c, 1.0, 8.0, 0, seed=2, drain_s=20))
+        t0 = time.monotonic()
+        r = requests.post(url, json=bodies[0], timeout=30)
+        recovered_s = time.monotonic() - t0
+        burst = [requests.post(url, json=bodies[0], timeout=30) for _ in range(3)]  # idle again: all served
+    finally:
+        deploy_app(checkpoints)  # the module's app for the tests that follow
+    report("overload", capacity_rps=c, latency_budget_s=budget_s, ingress_limits=limits,
+           offered_rps=over["offered_rps"], ok_rps=over["rps"], rate_503=over["rate_503"],
+           p99_503_ms=over["p99_503_ms"], p50_ok_ms=over["p50_ms"], p99_ok_ms=over["p99_ms"],
+           error_rate=over["error_rate"], max_ms=over["max_ms"], recovered_first_request_s=round(recovered_s, 3))
+    assert over["rate_503"] > 0.3, over  # far beyond capacity: most of the excess is refused
+    assert over["error_rate"] < 0.01, over  # refused with 503, never failed or timed out
+    assert over["rps"] >= 0.4 * c, over  # admitted requests still finish
+    # refused fast: measured 104-436 ms p99 here (the target of 100 ms needs a proxy with CPU of
+    # its own; here it shares 2 cores with the load generator and the replicas); the admitted
+    # requests' wait is what the admission bounds (p99 18 s with the default queues)
+    assert over["p99_503_ms"] is not None and over["p99_503_ms"] < 1000, over
+    assert over["p50_ms"] < 4 * budget_s * 1000 and over["p99_ms"] < 12 * budget_s * 1000, over
+    assert r.status_code == 200 and recovered_s < 2.0 and all(b.status_code == 200 for b in burst)
+
+
+def test_redeploys_and_a_shutdown_drain_in_flight_requests(url, bodies, checkpoints):
+    """10 req/s while the app is redeployed twice (a user_config change, reconfigured in place,
+    then new arguments: every replica replaced); then the app is deleted with requests in flight."""
+    from ray import serve
+
+    rate, duration = 10.0, 24.0
+    thread, box = in_thread(lambda: asyncio.run(open_loop(url, bodies, rate, 0.0, duration, 0, seed=3, drain_s=30)))
+    time.sleep(4)
+    deploy_app(checkpoints, retriever={"user_config": {"max_batch_size": 4, "batch_wait_timeout_s": 0.002}})
+    time.sleep(3)
+    deploy_app(checkpoints, max_candidates=150)  # new args: new replicas, the old ones drain
+    thread.join(timeout=duration + 60)
+    load = box["result"]
+
+    def one(j):
+        return requests.post(url, json=bodies[j % len(bodies)], timeout=30).status_code
+
+    with ThreadPoolExecutor(24) as pool:
+        futures = [pool.submit(one, j) for j in range(24)]
+        time.sleep(0.05)  # the burst is in flight
+        serve.delete(APP)
+        codes = [f.result() for f in futures]
+    report("redeploy_and_shutdown", offered_rps=rate, duration_s=duration, requests=load["requests"],
+           error_rate=load["error_rate"], rate_503=load["rate_503"], unanswered=load["unanswered"],
+           shutdown_burst=codes)
+    assert load["error_rate"] == 0 and load["rate_503"] == 0 and load["unanswered"] == 0, load  # none lost
+    # a request the app had accepted finishes (200); one that arrives after the delete finds no route (404)
+    assert all(c in (200, 404) for c in codes), codes
+    assert codes.count(200) >= 1, codes
+    deploy_app(checkpoints)  # the fixture's teardown deletes it again
