@@ -85,7 +85,10 @@ def test_an_output_inside_a_ray_jobs_working_dir_is_refused(tmp_path, monkeypatc
 def test_only_non_secret_settings_reach_the_workers(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "never-passed")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "never-passed-either")
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    # setenv first: monkeypatch then restores the variable's original state (absent) at the end,
+    # also after use_endpoint wrote it behind monkeypatch's back (a leak here broke later S3 tests)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "unset-below")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
     storage.use_endpoint("http://127.0.0.1:9000")
     env = storage.worker_env()
     assert env["AWS_ENDPOINT_URL_S3"] == "http://127.0.0.1:9000"

@@ -26,6 +26,8 @@ def format_summary(summary: dict) -> str:
         ("train loss", m.get("train_loss")),
         ("samples/s", m.get("samples_per_s")),
         ("run ended at", f"epoch {final.get('epoch')}, step {final.get('global_step')}"),
+        ("restarts", f"{final['restarts']} (the last resumed from step {final.get('resumed_from_step')})"
+         if final.get("restarts") else "none"),
         ("seconds", summary.get("seconds")),
         ("best checkpoint", summary.get("best_checkpoint")),
     ]

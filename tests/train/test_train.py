@@ -263,6 +263,7 @@ def test_a_train_worker_killed_from_outside_restarts_from_the_latest_checkpoint(
     cfg2 = _cfg(syn_data, tmp_path, epochs=3, max_steps_per_epoch=10, name="ft")
     res2 = fit(cfg2)
     assert res2["final"]["global_step"] == 30 and res2["final"]["epoch"] == 3
+    assert res2["final"]["restarts"] == 2 and res2["final"]["resumed_from_step"] == 20  # the run's record goes on
     # a corrupt checkpoint on resume is a clear error
     latest = max((p for p in Path(res2["run"]).glob("checkpoint_*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
     (latest / "model.safetensors").write_bytes(b"not a safetensors file")
@@ -301,7 +302,7 @@ def test_a_killed_training_driver_is_continued_by_the_same_command_from_s3(syn_d
     run = "s3://jobs/runs/driver-kill"
     cmd = [sys.executable, "jobs/train.py", "--config", "configs/tiny.yaml", "--set", f"data={syn_data}",
            "--set", "storage_path=s3://jobs/runs", "--set", "name=driver-kill", "--set", "epochs=2",
-           "--set", "max_steps_per_epoch=30", "--set", "checkpoint_every_steps=5", "--set", "num_workers=1",
+           "--set", "max_steps_per_epoch=15", "--set", "checkpoint_every_steps=5", "--set", "num_workers=1",
            "--set", "log_every=100"]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -325,7 +326,7 @@ def test_a_killed_training_driver_is_continued_by_the_same_command_from_s3(syn_d
     final = summary["final"]
     print(f"FAULT train driver SIGKILL {killed_at:.1f} s in; the same command again: restarts {final['restarts']}, "
           f"resumed from step {final['resumed_from_step']}, ended at step {final['global_step']} ({summary['seconds']} s)")
-    assert final["global_step"] == 60 and final["epoch"] == 2, final  # as an uninterrupted run
+    assert final["global_step"] == 30 and final["epoch"] == 2, final  # as an uninterrupted run
     assert final["restarts"] == 1 and final["resumed_from_step"] >= 5, final
     assert summary["best_checkpoint"].startswith(run + "/checkpoint_")
 
