@@ -11,16 +11,13 @@ stdout line is a JSON summary.
 
 from __future__ import annotations
 
-import shlex
-import sys
-
 from recsys_ray.bench.cluster import BenchClusterConfig, run_bench_cluster
-from recsys_ray.cli import job_config, job_parser, run_job
+from recsys_ray.cli import command_line, job_config, job_parser, run_job
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = job_parser(__doc__).parse_args(argv)
-    command = shlex.join(["python", *(sys.argv if argv is None else ["jobs/bench_cluster.py", *argv])])
+    command = command_line("jobs/bench_cluster.py", argv)
     return run_job(lambda: run_bench_cluster(job_config(BenchClusterConfig, args), command))
 
 

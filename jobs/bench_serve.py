@@ -13,16 +13,13 @@ Results: OUTPUT/results.json and results.md; the last stdout line is a JSON summ
 
 from __future__ import annotations
 
-import shlex
-import sys
-
 from recsys_ray.bench.serve import BenchServeConfig, quick_config, run_bench_serve
-from recsys_ray.cli import job_config, job_parser, run_job
+from recsys_ray.cli import command_line, job_config, job_parser, run_job
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = job_parser(__doc__).parse_args(argv)
-    command = shlex.join(["python", *(sys.argv if argv is None else ["jobs/bench_serve.py", *argv])])
+    command = command_line("jobs/bench_serve.py", argv)
     return run_job(lambda: run_bench_serve(quick_config(job_config(BenchServeConfig, args)), command))
 
 

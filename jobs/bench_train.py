@@ -13,16 +13,13 @@ stdout line is a JSON summary.
 
 from __future__ import annotations
 
-import shlex
-import sys
-
 from recsys_ray.bench.train import BenchConfig, run_benchmark
-from recsys_ray.cli import job_config, job_parser, run_job
+from recsys_ray.cli import command_line, job_config, job_parser, run_job
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = job_parser(__doc__).parse_args(argv)
-    command = shlex.join(["python", *(sys.argv if argv is None else ["jobs/bench_train.py", *argv])])
+    command = command_line("jobs/bench_train.py", argv)
     return run_job(lambda: run_benchmark(job_config(BenchConfig, args), command))
 
 

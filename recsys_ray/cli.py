@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -41,6 +42,12 @@ def job_config(cls: type[T], args: argparse.Namespace, fields: dict | None = Non
     data = load_yaml(args.config) if getattr(args, "config", None) else {}
     data.update({k: v for k, v in (fields or {}).items() if v is not None})
     return build_config(cls, data, getattr(args, "set", None) or [])
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that ran this job (``argv`` given: as if ``python script ARGV``), for a
+    benchmark's "reproduce with" line."""
+    return shlex.join(["python", *(sys.argv if argv is None else [script, *argv])])
 
 
 def run_job(job: Callable[[], dict]) -> dict:

@@ -67,6 +67,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_port_block(n: int = 4, host: str = "127.0.0.1") -> int:
+    """A port P with P .. P+n-1 all free (cluster/local-multinode.sh derives its ports from P)."""
+    for _ in range(50):
+        base = free_port(host)
+        if base + n < 65000 and all(port_free(base + i, host) for i in range(n)):
+            return base
+    raise RecsysError(f"no block of {n} free ports on {host}")
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether nothing listens on ``port``."""
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) != 0
+
+
 def cluster_cpus() -> int:
     """CPUs of the whole cluster (at least 1)."""
     return max(1, int(ray.cluster_resources().get("CPU", 1)))

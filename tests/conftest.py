@@ -23,14 +23,9 @@ from recsys_ray.data.config import DataConfig  # noqa: E402
 from recsys_ray.data.movielens import fetch_recbole_wheel  # noqa: E402
 from recsys_ray.data.pipeline import prepare  # noqa: E402
 from recsys_ray.model.tokenizer import load_tokenizer  # noqa: E402
+from recsys_ray.runtime import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +33,7 @@ def s3_server():
     """A moto S3 server on 127.0.0.1 for the whole session (never a real cloud), started before
     Ray so that Ray's workers resolve the same throwaway credentials from their environment, as
     a cluster node resolves its own; yields its endpoint URL."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,6 +18,8 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+
+from recsys_ray.runtime import free_port_block, port_free
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "cluster" / "local-multinode.sh"
@@ -29,22 +30,6 @@ from ray.util.state import list_actors
 alive = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
 print(json.dumps([a.node_id for a in alive if a.class_name == "ServeReplica:recsys:Retriever"]))
 """
-
-
-def _free_block(n: int = 4) -> int:
-    """A port P with P .. P+n-1 free on 127.0.0.1 (the script derives its ports from P)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n < 65000 and all(_port_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError("no free port block")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
 
 
 def _env_from(exports: str) -> dict[str, str]:
@@ -76,7 +61,7 @@ def _submit(env: dict, *args: str, timeout: int = 300) -> dict:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    port = _free_block()
+    port = free_port_block()
     cdir = f"/tmp/rr-e2e-{port}"
     up = subprocess.run([str(SCRIPT), "up", "--workers", "2", "--s3", "--port", str(port), "--dir", cdir],
                         capture_output=True, text=True, timeout=240)
@@ -90,7 +75,7 @@ def cluster(tmp_path_factory):
         # nothing of it is left: no process names its dir, the S3 server and the head are gone
         left = subprocess.run(["pgrep", "-f", cdir], capture_output=True, text=True).stdout.split()
         assert not left, left
-        assert _port_free(port) and _port_free(port + 3) and not Path(cdir).exists()
+        assert port_free(port) and port_free(port + 3) and not Path(cdir).exists()
 
 
 @pytest.mark.slow
@@ -141,7 +126,7 @@ def test_jobs_on_a_three_node_cluster_with_s3(cluster, tmp_path):
 
     # Serve on the cluster, the checkpoint loaded from S3 by each replica
     config = yaml.safe_load((REPO / "serve_configs" / "local.yaml").read_text())
-    http_port = _free_block(1)
+    http_port = free_port_block(1)
     config["http_options"]["port"] = http_port
     app = config["applications"][0]
     app["args"].update(checkpoint=f"s3://{BUCKET}/runs/cluster-cpu", popularity_weight=0.0)

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from recsys_ray.bench.common import publish, work_dir
 from recsys_ray.bench.data import generate
 from recsys_ray.data import layout
 from recsys_ray.errors import RecsysError
+from recsys_ray.runtime import free_port_block
 
 log = logging.getLogger(__name__)
 
@@ -62,27 +62,12 @@ class BenchClusterConfig:
         return []
 
 
-def _free_block(n: int = 4) -> int:
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n < 65000 and all(_free(base + i) for i in range(n)):
-            return base
-    raise RecsysError("no block of free ports on 127.0.0.1")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
-
-
 class Cluster:
     """`local-multinode.sh up` on enter (its exports become this object's env), `down` on exit."""
 
     def __init__(self, nodes: int, cpus: int):
         self.nodes, self.cpus = nodes, cpus
-        self.port = _free_block()
+        self.port = free_port_block()
         self.dir = f"/tmp/rr-bench-{self.port}"
 
     def __enter__(self) -> Cluster:

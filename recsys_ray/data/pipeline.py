@@ -53,7 +53,13 @@ from recsys_ray.data.sources import (
     resolve_source,
 )
 from recsys_ray.data.tokenize import encode_texts, list_column, tokenizer_info
-from recsys_ray.data.validate import REJECT_COLUMNS, canonical_ids, log_columns, validate_batch
+from recsys_ray.data.validate import (
+    REJECT_COLUMNS,
+    canonical_ids,
+    log_columns,
+    malformed_rejects,
+    validate_batch,
+)
 from recsys_ray.errors import ConfigError, DataError, one_line
 from recsys_ray.model.tokenizer import load_tokenizer
 from recsys_ray.runtime import cluster_cpus, init_ray, unwrap_task_error
@@ -141,19 +147,9 @@ def read_profiles(files: pa.Table, id_column: str, profile_columns: list[str]) -
                     "raw": pa.array(raw, pa.string()),
                 }
             )
-            if malformed:  # unparseable lines of a csv / jsonl user file
-                m = len(malformed)
-                out = pa.concat_tables([out, pa.table({
-                    "user_id": pa.nulls(m, pa.string()), "item_id": pa.nulls(m, pa.string()),
-                    "timestamp": pa.nulls(m, pa.timestamp("us", tz="UTC")),
-                    "file_idx": pa.array(np.full(m, f["file_idx"], np.int32)),
-                    "source_row": pa.array([r for r, _, _ in malformed], pa.int64()),
-                    "profile_text": pa.nulls(m, pa.string()),
-                    "source_file": pa.array([ref.uri] * m, pa.string()),
-                    "reason": pa.array(["malformed_row"] * m, pa.string()),
-                    "detail": pa.array([d for _, d, _ in malformed], pa.string()),
-                    "raw": pa.array([json.dumps(t, ensure_ascii=False) for _, _, t in malformed], pa.string()),
-                })])
+            if malformed:  # unparseable lines of a csv / jsonl user file; profile_text comes back null
+                rejects = malformed_rejects(malformed, ref.uri, f["file_idx"]).drop_columns(["event", "value"])
+                out = pa.concat_tables([out, rejects], promote_options="default")
             yield out
 
 

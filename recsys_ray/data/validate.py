@@ -222,7 +222,7 @@ def validate_batch(
         schema=EVENT_SCHEMA,
     )
     if malformed:
-        out = pa.concat_tables([out, _malformed_table(malformed, source_file, file_idx)])
+        out = pa.concat_tables([out, malformed_rejects(malformed, source_file, file_idx)])
     return out
 
 
@@ -230,7 +230,8 @@ def _as_value_set(catalogue: set[str] | pa.Array) -> pa.Array:
     return catalogue if isinstance(catalogue, pa.Array) else pa.array(sorted(catalogue), pa.string())
 
 
-def _malformed_table(malformed, source_file: str, file_idx: int) -> pa.Table:
+def malformed_rejects(malformed, source_file: str, file_idx: int) -> pa.Table:
+    """Reject rows (EVENT_SCHEMA, reason ``malformed_row``) of lines a reader could not parse."""
     m = len(malformed)
     return pa.table(
         {
