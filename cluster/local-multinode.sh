@@ -8,6 +8,7 @@
 #   eval "$(cluster/local-multinode.sh up --workers 2 --s3)"                 # + a local S3 server
 #   cluster/local-multinode.sh status [--port P | --dir DIR]
 #   cluster/local-multinode.sh down   [--port P | --dir DIR] [--keep-dir]
+#   cluster/local-multinode.sh kill worker_N [--port P | --dir DIR]   # a fault drill: lose a node
 #
 # Every node is one `ray start --block` process whose pid is recorded under DIR/pids; `down` stops
 # exactly those (and their children), never `ray stop`, which kills every Ray process on the machine,
@@ -38,6 +39,8 @@ MARKER=.recsys-ray-local   # `down` deletes DIR only if `up` created this file i
 usage() {
     cat <<EOF
 usage: $SCRIPT_NAME up|status|down [options]
+       $SCRIPT_NAME kill worker_N [options]   (SIGKILL that node's every process at once, as when
+                                              a machine is lost; the head is refused: use down)
 
 options:
   --workers N            extra worker nodes (up; default 1)
@@ -63,6 +66,12 @@ die() { log "error: $*"; exit 1; }
 CMD=${1:-}
 [[ -n "$CMD" ]] || { usage >&2; exit 2; }
 shift
+NODE=""
+if [[ "$CMD" == kill ]]; then
+    NODE=${1:-}
+    [[ "$NODE" =~ ^worker_[0-9]+$ ]] || die "kill needs a worker node name (worker_1, worker_2, ...), got '${NODE}'"
+    shift
+fi
 
 WORKERS=1
 PORT=26379
@@ -431,8 +440,25 @@ cmd_down() {
     if [[ -n "$roots" ]]; then log "down: stopped cluster in $DIR"; else log "down: nothing running in $DIR"; fi
 }
 
+# A lost machine: every process of one worker node dies at the same instant, with no chance to
+# say goodbye (SIGKILL, the tree snapshotted first so re-parented workers are not missed). The
+# cluster notices through its health checks; `down` later skips what is already dead.
+cmd_kill() {
+    local pid tree left=""
+    pid=$(pid_of "$NODE")
+    [[ -n "$pid" ]] || die "no node $NODE recorded in $DIR (nodes: $(node_names | tr '\n' ' '))"
+    is_alive "$pid" || die "$NODE (pid $pid) is not running"
+    tree=$(process_tree "$pid")
+    while read -r p st; do
+        [[ -n "$p" ]] && left="$left $p"
+    done <<<"$tree"
+    kill -KILL $left 2>/dev/null || true
+    log "kill: SIGKILLed $NODE:$left"
+}
+
 case "$CMD" in
     up) cmd_up ;;
+    kill) cmd_kill ;;
     status) cmd_status ;;
     down) cmd_down ;;
     -h|--help|help) usage ;;
