@@ -1,5 +1,6 @@
 """Baselines the fine-tuned models are reported against, on the same split and protocol:
-popularity, EASE (Steck 2019) and item-kNN (cosine); :func:`baseline_ranks` scores the test split.
+popularity, EASE (Steck 2019) and item-kNN (cosine) here, the sequential Markov and SASRec in
+:mod:`recsys_ray.evaluate.sequential`; :func:`baseline_ranks` scores the test split with them.
 
 All of them score users from their interaction rows X (users x items, scipy CSR, binary), so
 their scores go through exactly the metric code the BERT models use (`recsys_ray.evaluate.metrics`).
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -16,6 +18,13 @@ import scipy.sparse as sp
 from recsys_ray.data import layout
 from recsys_ray.errors import DataError
 from recsys_ray.evaluate.metrics import MetricAccumulator, target_ranks
+from recsys_ray.evaluate.sequential import (
+    Markov,
+    SASRec,
+    SequentialSettings,
+    tune_markov,
+    tune_sasrec,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -219,12 +228,17 @@ def itemknn_scores(X_rows: Rows, S: np.ndarray) -> np.ndarray:
 # --- the test split ------------------------------------------------------------------------------
 
 
-def baseline_ranks(data: str, max_users: int = 0) -> dict[str, dict]:
-    """Popularity and EASE (L2 tuned on validation) ranks of every test user's target.
+def baseline_ranks(data: str, max_users: int = 0, sequential: SequentialSettings | None = None) -> dict[str, dict]:
+    """Popularity, EASE (L2 tuned on validation) and, with ``sequential``, Markov and SASRec
+    (knobs tuned on validation) ranks of every test user's target: ``{name: {"ranks": [one
+    array per seed], "params": ...}}``.
 
     Histories are each user's events before the test event (train + validation), all masked; a
     user whose test item repeats one of them is left out (``_users.repeats_left_out``), as the
-    model evaluation does; users by id, the order the model rows are scored in.
+    model evaluation does; users by id, the order the model rows are scored in. The fitted
+    models see the train part when their knobs are chosen (scored on validation) and are fitted
+    again on everything before the test event to score it (SASRec for the number of epochs its
+    validation chose, unless ``sasrec_refit`` is off: then the best validation epoch's weights).
     """
     items = ItemIndex(layout.read_items(data, ["item_id"])["item_id"].to_pylist())
     seq = layout.read_sequences(data, ["user_id", "item_ids", "n_train"]).to_pylist()
@@ -253,10 +267,45 @@ def baseline_ranks(data: str, max_users: int = 0) -> dict[str, dict]:
     mask = sp.csr_matrix(history, dtype=bool)
     out: dict[str, dict] = {}
     pop = popularity_scores(X_full.tocoo().col, len(items))
-    out["popularity"] = {"ranks": target_ranks(np.tile(pop, (len(users), 1)), targets, mask), "params": {}}
+    out["popularity"] = {"ranks": [target_ranks(np.tile(pop, (len(users), 1)), targets, mask)], "params": {}}
     l2, curve = tune_ease_l2(X_train, np.asarray(valid_t))
     B = ease_fit(X_full, l2)
-    out["EASE"] = {"ranks": target_ranks(ease_scores(history, B), targets, mask),
+    out["EASE"] = {"ranks": [target_ranks(ease_scores(history, B), targets, mask)],
                    "params": {"l2": l2, "valid_ndcg@10_by_l2": {str(k): round(v, 5) for k, v in curve.items()}}}
+    if sequential is not None:
+        out.update(_sequential_ranks(sequential, items, train_rows, full_rows, np.asarray(valid_t), users, targets, mask))
     out["_users"] = {"ids": test_users, "repeats_left_out": int((~novel).sum())}
+    return out
+
+
+def _sequential_ranks(settings: SequentialSettings, items: ItemIndex, train_rows, full_rows, valid_t: np.ndarray,
+                      users: np.ndarray, targets: np.ndarray, mask) -> dict[str, dict]:
+    train = [items.indices(r) for r in train_rows]  # time order kept
+    full = [items.indices(r) for r in full_rows]
+    # validation users: with a validation item that is not a repeat of their train part
+    v_users = [u for u in np.flatnonzero(valid_t >= 0) if valid_t[u] not in set(train[u].tolist())]
+    v_hist, v_targets = [train[u] for u in v_users], valid_t[v_users]
+    test_hist = [full[u] for u in users]
+    out: dict[str, dict] = {}
+    if settings.markov:
+        params, curve = tune_markov(train, v_hist, v_targets, len(items))
+        markov = Markov(full, len(items), params)
+        out["Markov"] = {"ranks": [target_ranks(markov.scores(test_hist), targets, mask)],
+                         "params": {**asdict(params), "valid_ndcg@10_by_params": {k: round(v, 5) for k, v in curve.items()}}}
+    if settings.sasrec_seeds:
+        chosen, curve = tune_sasrec(train, v_hist, v_targets, len(items), settings.sasrec_grid, seed=0)
+        ranks, runs = [], []
+        for seed in range(1, settings.sasrec_seeds + 1):  # the seed that chose the knobs is not reported
+            m = SASRec(len(items), replace(chosen.params, seed=seed)).fit(train, v_hist, v_targets)
+            run = {"seed": seed, "valid_ndcg@10": round(m.best_ndcg, 5), "best_epoch": m.best_epoch,
+                   "epochs": m.epochs_run, "seconds": round(m.seconds, 1)}
+            if settings.sasrec_refit:  # everything before the test event, for the epochs validation chose
+                m = SASRec(len(items), replace(chosen.params, seed=seed, max_epochs=m.best_epoch)).fit(full)
+                run["refit_seconds"] = round(m.seconds, 1)
+            ranks.append(target_ranks(m.scores(test_hist), targets, mask))
+            runs.append(run)
+            logger.info("SASRec seed %d: %s", seed, run)
+        out["SASRec"] = {"ranks": ranks, "params": {**asdict(replace(chosen.params, seed=0)), "chosen_with_seed": 0,
+                                                    "refit": settings.sasrec_refit, "valid_by_grid": curve,
+                                                    "runs": runs}}
     return out

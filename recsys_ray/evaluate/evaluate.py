@@ -45,6 +45,7 @@ from recsys_ray.evaluate.metrics import (
     target_ranks,
 )
 from recsys_ray.evaluate.report import write_report
+from recsys_ray.evaluate.sequential import SequentialSettings
 from recsys_ray.predict import Predictor, PredictorConfig
 from recsys_ray.runtime import cluster_cpus, init_ray
 
@@ -68,6 +69,7 @@ class EvalSettings:
     actors: int = 0  # 0: one per CPU of the cluster, at most 2
     max_users: int = 0  # 0: every test user
     baselines: bool = True
+    sequential: SequentialSettings | None = field(default_factory=SequentialSettings)  # None: no Markov/SASRec rows
     s3_endpoint: str | None = None  # S3-compatible store; default AWS_ENDPOINT_URL(_S3) or AWS
 
     def problems(self) -> list[str]:
@@ -81,6 +83,8 @@ class EvalSettings:
                 out.append(f"checkpoint not found: {p}")
         if not layout.is_prepared(self.data):
             out.append(f"--data {self.data}: not a prepared data directory (no manifest.json)")
+        if self.sequential is not None:
+            out.extend(self.sequential.problems())
         if self.rerank_top < 1:
             out.append("rerank_top must be >= 1")
         if not self.betas or any(b < 0 for b in self.betas):
@@ -260,9 +264,10 @@ def evaluate(settings: EvalSettings) -> dict:
 
     num_users = repeats_left_out = None
     if settings.baselines:
-        base = baseline_ranks(settings.data, settings.max_users)
-        for name in ("popularity", "EASE"):
-            add(name, "full", [metrics_of(base[name]["ranks"])], {"params": base[name]["params"]})
+        base = baseline_ranks(settings.data, settings.max_users, settings.sequential)
+        for name in ("popularity", "EASE", "Markov", "SASRec"):
+            if name in base:
+                add(name, "full", [metrics_of(r) for r in base[name]["ranks"]], {"params": base[name]["params"]})
         num_users = len(base["_users"]["ids"])
         repeats_left_out = base["_users"]["repeats_left_out"]
     rankers = settings.rankers

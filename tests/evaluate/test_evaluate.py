@@ -22,6 +22,7 @@ from recsys_ray.data.layout import read_manifest
 from recsys_ray.errors import ConfigError, RecsysError, UnknownItems
 from recsys_ray.evaluate.baselines import baseline_ranks
 from recsys_ray.evaluate.evaluate import EvalSettings, RankUDF, evaluate, merge_results, metrics_of
+from recsys_ray.evaluate.sequential import SASRecParams, SequentialSettings
 from recsys_ray.model.config import ModelConfig
 from recsys_ray.model.kinds import from_config
 from recsys_ray.predict import Predictor, PredictorConfig
@@ -159,7 +160,7 @@ def test_popularity_and_ease_rank_a_hand_made_log_as_computed_by_hand(tmp_path):
     # u1 (a,b,c; target d): unseen d e f g h -> e above, f g h tie -> rank 4
     # u2, u3 (target e): e is the best unseen item -> rank 0
     # u4 (c,e,b,a; target d): unseen d f g h, all 0 -> rank 3
-    assert out["popularity"]["ranks"].tolist() == [4, 0, 0, 3]
+    assert out["popularity"]["ranks"][0].tolist() == [4, 0, 0, 3]
     # EASE: the closed form computed here, on everything before each user's test event (u5 included)
     l2 = out["EASE"]["params"]["l2"]
     curve = {float(k): v for k, v in out["EASE"]["params"]["valid_ndcg@10_by_l2"].items()}
@@ -173,8 +174,21 @@ def test_popularity_and_ease_rank_a_hand_made_log_as_computed_by_hand(tmp_path):
         t = "abcdefgh".index(target)
         unseen = [i for i in range(8) if X[u, i] == 0 and i != t]
         expected.append(sum(S[u, i] >= S[u, t] for i in unseen))
-    assert out["EASE"]["ranks"].tolist() == expected
+    assert out["EASE"]["ranks"][0].tolist() == expected
     assert len(set(expected)) > 1 and max(expected) >= 2  # a wrong model could rank otherwise
+
+
+
+def test_sequential_rows_rank_the_hand_made_log_and_report_seeds_other_than_the_tuning_one(tmp_path):
+    tiny = SASRecParams(max_len=4, hidden=8, max_epochs=2, eval_every=1)
+    out = baseline_ranks(_hand_made_data(tmp_path), sequential=SequentialSettings(sasrec_seeds=2, sasrec_grid=(tiny,)))
+    # Markov over everything before each test event: d f g h never occur (score 0 for any knobs);
+    # u1 (last c) and u2: c -> e once, so e leads; u3 (.. c a): e only through the back-off; u4: all 0
+    assert out["Markov"]["ranks"][0].tolist() == [4, 0, 0, 3]
+    assert len(out["Markov"]["params"]["valid_ndcg@10_by_params"]) > 1
+    sas = out["SASRec"]
+    assert len(sas["ranks"]) == 2 and all(r.shape == (4,) for r in sas["ranks"])
+    assert sas["params"]["chosen_with_seed"] == 0 and [r["seed"] for r in sas["params"]["runs"]] == [1, 2]
 
 
 # --- the predictor -------------------------------------------------------------------------------
@@ -255,12 +269,14 @@ def test_evaluate_writes_metrics_report_and_plots_for_every_model(ray_session, s
     out = "s3://evaluate/eval"
     settings = EvalSettings(data="s3://evaluate/data", checkpoints=["s3://evaluate/retriever", tiny_models["retriever2"]],
                             rankers=[tiny_models["ranker"]], output=out, rerank_top=10, sampled=True,
-                            max_users=40, batch_size=16, actors=1)
+                            max_users=40, batch_size=16, actors=1,
+                            sequential=SequentialSettings(sasrec_seeds=1, sasrec_grid=(
+                                SASRecParams(max_len=8, hidden=16, max_epochs=2, eval_every=1),)))
     res = evaluate(settings)
     assert res["summary"]["report"] == f"{out}/report.md"
     result = res["result"]
     names = set(result["models"])
-    assert {"popularity", "EASE", "retriever", "retriever+prior", "two-stage",
+    assert {"popularity", "EASE", "Markov", "SASRec", "retriever", "retriever+prior", "two-stage",
             "retriever (sampled)", "ranker (sampled)"} <= names
     assert result["models"]["retriever"]["seeds"] == 2
     assert result["models"]["retriever (sampled)"]["protocol"] == "sampled_1+99"
