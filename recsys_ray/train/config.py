@@ -29,6 +29,22 @@ class OptimConfig:
     new_lr: float = 0.0  # peak lr of the parameters that are not pretrained (head, item embeddings); 0 = lr
 
 
+# what end-of-epoch validation reports (every kind: full ranking or the ranker's sampled lists)
+VALIDATION_METRICS: tuple[str, ...] = (*(f"{m}@{k}" for m in ("ndcg", "hr", "mrr", "recall") for k in (5, 10, 20, 50)), "mrr")
+
+
+@dataclasses.dataclass
+class EarlyStoppingConfig:
+    """Stop a run when its validation ``metric`` has not improved by more than ``min_delta`` for
+    ``patience`` epochs; the best checkpoint is kept as always. Off while ``patience`` is 0."""
+
+    RANGES: ClassVar[dict[str, str]] = {"patience": ">= 0", "min_delta": ">= 0"}
+
+    metric: str = "ndcg@10"
+    patience: int = 0  # epochs without an improvement before stopping (0 = off)
+    min_delta: float = 0.0  # an improvement must exceed this
+
+
 @dataclasses.dataclass
 class EvalConfig:
     """End-of-epoch validation."""
@@ -62,6 +78,7 @@ class TrainConfig:
     bucket_batches: int = 8  # length bucketing: sort this many batches' rows by length, then batch
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    early_stopping: EarlyStoppingConfig = dataclasses.field(default_factory=EarlyStoppingConfig)
     num_workers: int = 2  # Ray Train workers (DDP ranks)
     use_gpu: bool = False  # one GPU per worker; bf16 autocast on GPU only
     resources_per_worker: dict = dataclasses.field(default_factory=dict)  # e.g. {"CPU": 1}
@@ -84,6 +101,9 @@ class TrainConfig:
             out.append(kind)
         if LOSSES[self.loss].needs_negatives and self.negatives < 1:
             out.append(f"loss {self.loss!r} needs negatives >= 1")
+        if self.early_stopping.metric not in VALIDATION_METRICS:
+            out.append(f"early_stopping.metric: {self.early_stopping.metric!r} is not a validation metric "
+                       f"(one of {', '.join(VALIDATION_METRICS)})")
         return out + location_problems(self.storage_path, self.name)
 
     def train_settings(self) -> TrainSettings:

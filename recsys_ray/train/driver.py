@@ -156,7 +156,7 @@ def summary(result, run_plan: dict, seconds: float, storage_path: str = "") -> d
         "best_checkpoint": storage.uri_of(storage_path, best_path) if best_path else None,
         "metrics": {k: best_metrics.get(k) for k in SUMMARY_METRICS},
         "final": {k: last.get(k) for k in ("epoch", "global_step", "train_loss", "samples_per_s", "restarts",
-                                           "resumed_from_step")},
+                                           "resumed_from_step", "stopped_early")},
         "steps_per_epoch": run_plan["steps_per_epoch"],
         "seconds": round(seconds, 1),
     }

@@ -290,10 +290,35 @@ def train_loop_per_worker(config: dict) -> None:
             "samples_per_s": seen_examples * w.world / dt,
             "tokens_per_s": seen_tokens * w.world / dt,
         })
+        stop = early_stopping_update(w, metrics)
+        metrics["stopped_early"] = stop
         if w.rank == 0:
             log.info("epoch %d validation: %s", epoch + 1,
                      {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()})
         save_and_report(w, {"global_step": global_step, "epoch": epoch + 1, "step_in_epoch": 0}, metrics)
+        if stop:
+            if w.rank == 0:
+                es = w.progress["early_stopping"]
+                log.info("early stopping after epoch %d of %d: %s has not improved on %.4f (epoch %d) by more than "
+                         "%g for %d epochs", epoch + 1, cfg.epochs, cfg.early_stopping.metric, es["best"],
+                         es["best_epoch"], cfg.early_stopping.min_delta, es["bad_epochs"])
+            break
+
+
+def early_stopping_update(w: Worker, metrics: dict) -> bool:
+    """Track the best validation score in ``w.progress`` (it travels in every checkpoint, so a
+    restarted run goes on counting); True when the run should stop. Every rank validates the
+    same weights on the same rows, so every rank takes the same decision."""
+    es_cfg = w.cfg.early_stopping
+    if not es_cfg.patience:
+        return False
+    es = w.progress.setdefault("early_stopping", {"best": None, "best_epoch": 0, "bad_epochs": 0})
+    score = float(metrics[es_cfg.metric])
+    if es["best"] is None or score > es["best"] + es_cfg.min_delta:
+        es.update(best=score, best_epoch=metrics["epoch"], bad_epochs=0)
+    else:
+        es["bad_epochs"] += 1
+    return es["bad_epochs"] >= es_cfg.patience
 
 
 def worker_records(w: Worker) -> list[dict]:
@@ -313,6 +338,8 @@ def save_and_report(w: Worker, state: dict, metrics: dict) -> None:
     Both carry the run's restarts so far (``resumed_from``: the step each restart resumed at)."""
     resumed_from = list(w.progress.get("resumed_from", []))
     state = {**state, "resumed_from": resumed_from}
+    if "early_stopping" in w.progress:
+        state["early_stopping"] = dict(w.progress["early_stopping"])
     metrics = {**metrics, "restarts": len(resumed_from), "resumed_from_step": resumed_from[-1] if resumed_from else -1}
     workers = worker_records(w)  # a collective: every rank takes part
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,7 +25,8 @@ def format_summary(summary: dict) -> str:
         ("step", m.get("global_step")),
         ("train loss", m.get("train_loss")),
         ("samples/s", m.get("samples_per_s")),
-        ("run ended at", f"epoch {final.get('epoch')}, step {final.get('global_step')}"),
+        ("run ended at", f"epoch {final.get('epoch')}, step {final.get('global_step')}"
+         + (" (early stopping: validation stopped improving)" if final.get("stopped_early") else "")),
         ("restarts", f"{final['restarts']} (the last resumed from step {final.get('resumed_from_step')})"
          if final.get("restarts") else "none"),
         ("seconds", summary.get("seconds")),

@@ -163,6 +163,11 @@ def test_bad_config_lists_every_problem_before_ray_starts(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_train_config({"batch_size": 0, "epochs": 0, "model": {"freeze": "bottom:x"}})
     assert len(info.value.problems) == 3
+    with pytest.raises(ConfigError) as info:
+        load_train_config({"early_stopping": {"metric": "auc", "patience": -1}})
+    text = str(info.value)
+    assert "early_stopping.metric: 'auc' is not a validation metric (one of ndcg@5" in text
+    assert "early_stopping.patience" in text
 
 
 def test_data_from_another_tokenizer_is_refused(syn_data, tmp_path):
@@ -213,6 +218,21 @@ def test_two_worker_run_learns_and_its_checkpoint_reloads_to_the_reported_scores
     # measured alone: 0.135 vs 0.085; after the serving tests in one session it once reached only
     # 0.09 (same code, same seed: data order over the streaming split differs) - see the issue note
     assert m["ndcg@10"] > untrained["ndcg@10"] and m["hr@10"] > untrained["hr@10"], (m, untrained)
+
+
+def test_early_stopping_ends_a_run_whose_validation_stops_improving(syn_data, tmp_path):
+    """A learning rate of ~0 leaves validation flat: with patience 2 the run ends after epoch 3
+    of 8 (epoch 1 sets the best, epochs 2 and 3 fail to beat it by min_delta), says so, and keeps
+    a validated best checkpoint; the counter travels in the train state."""
+    cfg = _cfg(syn_data, tmp_path, epochs=8, max_steps_per_epoch=2, num_workers=1, name="es",
+               optim={"lr": 1e-12, "new_lr": 1e-12}, early_stopping={"patience": 2, "min_delta": 0.001})
+    res = fit(cfg)
+    final = res["final"]
+    assert final["epoch"] == 3 and final["global_step"] == 6 and final["stopped_early"] is True, final
+    assert res["metrics"]["epoch"] in (1, 2, 3) and res["metrics"]["ndcg@10"] > 0
+    last = max((p for p in Path(res["run"]).glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name)
+    state = json.loads((last / "train_state.json").read_text())
+    assert state["progress"]["early_stopping"]["bad_epochs"] == 2, state
 
 
 # the hook travels to the Train workers by value: they cannot import this test module
