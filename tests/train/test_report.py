@@ -30,9 +30,11 @@ def test_the_summary_reports_the_best_checkpoint_and_where_the_run_ended(tmp_pat
     assert s["best_checkpoint"] == "/runs/x/c1"
     assert s["metrics"]["ndcg@10"] == 0.30 and s["metrics"]["epoch"] == 1
     assert s["final"] == {"epoch": 2, "global_step": 20, "train_loss": 1.5, "samples_per_s": None,
-                          "restarts": None, "resumed_from_step": None}  # (a run of an older version)
+                          "restarts": None, "resumed_from_step": None, "stopped_early": None}  # (a run of an older version)
     text = format_summary(s)
     assert "0.3000" in text and "0.2000" not in text and "epoch 2, step 20" in text
+    assert "early stopping" not in text
+    assert "epoch 2, step 20 (early stopping" in format_summary({**s, "final": {**s["final"], "stopped_early": True}})
     (tmp_path / "s.json").write_text("log line\n" + json.dumps(s) + "\n")
     best = subprocess.run([sys.executable, "-m", "recsys_ray.train.report", "--best-checkpoint", str(tmp_path / "s.json")],
                           capture_output=True, text=True, cwd=REPO, check=True)
