@@ -17,7 +17,7 @@ import scipy.sparse as sp
 
 from recsys_ray.data import layout
 from recsys_ray.errors import DataError
-from recsys_ray.evaluate.metrics import MetricAccumulator, target_ranks
+from recsys_ray.evaluate.metrics import MetricAccumulator, repeats_history, target_ranks
 from recsys_ray.evaluate.sequential import (
     Markov,
     SASRec,
@@ -283,7 +283,7 @@ def _sequential_ranks(settings: SequentialSettings, items: ItemIndex, train_rows
     train = [items.indices(r) for r in train_rows]  # time order kept
     full = [items.indices(r) for r in full_rows]
     # validation users: with a validation item that is not a repeat of their train part
-    v_users = [u for u in np.flatnonzero(valid_t >= 0) if valid_t[u] not in set(train[u].tolist())]
+    v_users = [u for u in np.flatnonzero(valid_t >= 0) if not repeats_history(valid_t[u], train[u])]
     v_hist, v_targets = [train[u] for u in v_users], valid_t[v_users]
     test_hist = [full[u] for u in users]
     out: dict[str, dict] = {}

@@ -14,6 +14,7 @@ knobs are chosen on the validation split only (``tune_*``); the test split never
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -39,9 +40,12 @@ def _history_mask(histories: Seqs, num_items: int) -> sp.csr_matrix:
     return m
 
 
-def ndcg10(scores: np.ndarray, targets: np.ndarray, histories: Seqs) -> float:
-    """Validation NDCG@10 of (U, I) scores, each user's history masked (the protocol)."""
-    ranks = target_ranks(scores, np.asarray(targets, np.int64), _history_mask(histories, scores.shape[1]))
+def ndcg10(scores: np.ndarray, targets: np.ndarray, histories: Seqs, mask: sp.csr_matrix | None = None) -> float:
+    """Validation NDCG@10 of (U, I) scores, each user's history masked (the protocol); ``mask``:
+    the histories' mask when the caller scores the same users many times."""
+    if mask is None:
+        mask = _history_mask(histories, scores.shape[1])
+    ranks = target_ranks(scores, np.asarray(targets, np.int64), mask)
     return MetricAccumulator(ks=(10,)).update(ranks).result()["ndcg@10"]
 
 
@@ -76,8 +80,9 @@ class Markov:
         self.popularity = pop / max(pop.sum(), 1.0)
 
     def with_params(self, params: MarkovParams) -> Markov:
-        other = object.__new__(Markov)
-        other.__dict__.update(self.__dict__, params=params)
+        """The same fitted counts, other knobs (a grid search fits once)."""
+        other = copy.copy(self)
+        other.params = params
         return other
 
     def scores(self, histories: Seqs) -> np.ndarray:
@@ -89,7 +94,7 @@ class Markov:
             recent = np.asarray(h[-depth:], np.int64)[::-1]  # the last item first
             rows.append(np.full(recent.size, u))
             cols.append(recent)
-            weights.append(p.decay ** np.arange(recent.size) if p.decay else np.ones(min(recent.size, 1)))
+            weights.append(p.decay ** np.arange(recent.size))  # decay 0: depth 1, weight 0 ** 0 = 1
         W = sp.csr_matrix((np.concatenate(weights), (np.concatenate(rows), np.concatenate(cols))),
                           shape=(len(histories), self.num_items))
         return np.asarray((W @ self.transitions).todense()) + p.backoff * self.popularity[None, :]
@@ -99,10 +104,10 @@ def tune_markov(train: Seqs, valid_histories: Seqs, valid_targets: np.ndarray, n
                 grid: Sequence[MarkovParams] = MARKOV_GRID) -> tuple[MarkovParams, dict[str, float]]:
     """The grid point with the best validation NDCG@10: fitted on ``train``, scoring the
     validation users' histories (their train sequences) against their validation items."""
-    base = Markov(train, num_items)
+    base, mask = Markov(train, num_items), _history_mask(valid_histories, num_items)
     curve = {}
     for params in grid:
-        curve[_key(params)] = ndcg10(base.with_params(params).scores(valid_histories), valid_targets, valid_histories)
+        curve[_key(params)] = ndcg10(base.with_params(params).scores(valid_histories), valid_targets, valid_histories, mask)
     best = max(grid, key=lambda p: curve[_key(p)])  # first maximum on ties
     return best, curve
 
@@ -198,6 +203,7 @@ class SASRec:
         opt = torch.optim.Adam(model.parameters(), lr=p.lr)
         seqs = [np.asarray(s, np.int64) for s in train if len(s) > 1]
         windows = torch.from_numpy(_left_pad(seqs, p.max_len + 1))  # input [:-1], next item [1:]
+        mask = None if valid_histories is None else _history_mask(valid_histories, self.num_items)
         best_state, bad, t0 = None, 0, time.perf_counter()
         for epoch in range(1, p.max_epochs + 1):
             model.train()
@@ -217,7 +223,7 @@ class SASRec:
                     break
                 continue
             if epoch % p.eval_every == 0 or epoch == p.max_epochs or out_of_time:
-                score = ndcg10(self.scores(valid_histories), valid_targets, valid_histories)
+                score = ndcg10(self.scores(valid_histories), valid_targets, valid_histories, mask)
                 logger.info("SASRec %s epoch %d valid ndcg@10=%.4f", _key(p), epoch, score)
                 if score > self.best_ndcg:
                     self.best_ndcg, self.best_epoch, bad = score, epoch, 0

@@ -6,6 +6,7 @@ import dataclasses
 from typing import ClassVar, Literal
 
 from recsys_ray.config import build_config, location_problems
+from recsys_ray.evaluate.metrics import METRIC_NAMES
 from recsys_ray.model import kinds
 from recsys_ray.model.base import TrainSettings, ValidationSettings
 from recsys_ray.model.config import ModelConfig
@@ -27,10 +28,6 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     grad_accum: int = 1  # micro-batches per optimizer step
     new_lr: float = 0.0  # peak lr of the parameters that are not pretrained (head, item embeddings); 0 = lr
-
-
-# what end-of-epoch validation reports (every kind: full ranking or the ranker's sampled lists)
-VALIDATION_METRICS: tuple[str, ...] = (*(f"{m}@{k}" for m in ("ndcg", "hr", "mrr", "recall") for k in (5, 10, 20, 50)), "mrr")
 
 
 @dataclasses.dataclass
@@ -101,9 +98,9 @@ class TrainConfig:
             out.append(kind)
         if LOSSES[self.loss].needs_negatives and self.negatives < 1:
             out.append(f"loss {self.loss!r} needs negatives >= 1")
-        if self.early_stopping.metric not in VALIDATION_METRICS:
+        if self.early_stopping.metric not in METRIC_NAMES:
             out.append(f"early_stopping.metric: {self.early_stopping.metric!r} is not a validation metric "
-                       f"(one of {', '.join(VALIDATION_METRICS)})")
+                       f"(one of {', '.join(METRIC_NAMES)})")
         return out + location_problems(self.storage_path, self.name)
 
     def train_settings(self) -> TrainSettings:
