@@ -186,6 +186,7 @@ def summarize(samples: list[Sample], window_s: float, dropped: int = 0) -> dict:
         "p99_ms": ms(99, ok),
         "error_rate": round(errors / n, 4) if n else 0.0,
         "rate_503": round(len(shed) / n, 4) if n else 0.0,
+        "p50_503_ms": ms(50, shed),
         "p99_503_ms": ms(99, shed),
         "max_ms": ms(100, samples),  # the slowest answer of any status: nothing may hang
         "mean_batch": round(float(np.mean(batches)), 2) if batches else None,
