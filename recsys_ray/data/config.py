@@ -70,6 +70,9 @@ class DataConfig:
     timestamp_unit: Literal["s", "ms", "us", "ns"] = "s"  # unit of numeric timestamps
     min_value: float | None = None  # keep events whose value (rating, dwell, ...) is >= this; others -> rejects (below_min_value)
     event_types: list[str] = dataclasses.field(default_factory=list)  # [] = every event; else only these -> rejects (other_event_type)
+    # keep the log as it stood at this time: events at or after it -> rejects (after_cutoff), so a
+    # first model and its refresh are reproducible from one log. ISO-8601 or a number in timestamp_unit
+    cutoff: str | None = None
     min_user_events: int = 3  # users with fewer events stay in train only
     min_history: int = 1  # a train target needs at least this many earlier events
     max_history: int = 20  # most recent history items rendered into the user context
@@ -90,4 +93,19 @@ class DataConfig:
             out.append("dataset must not be empty")
         if not self.output:
             out.append("output must not be empty")
+        if self.cutoff is not None and cutoff_us(self.cutoff, self.timestamp_unit) is None:
+            out.append(f"cutoff: {self.cutoff!r} is not a time (ISO-8601, or a number in timestamp_unit "
+                       f"{self.timestamp_unit!r})")
         return out
+
+
+def cutoff_us(cutoff: str | float | None, unit: str) -> int | None:
+    """``DataConfig.cutoff`` as epoch microseconds, the unit events are compared in; None if unparseable."""
+    import pyarrow as pa
+
+    from recsys_ray.data.validate import parse_timestamps
+
+    if cutoff is None:
+        return None
+    us, ok = parse_timestamps(pa.array([str(cutoff)]), unit)
+    return int(us[0]) if ok[0] else None

@@ -36,7 +36,7 @@ from recsys_ray import storage
 from recsys_ray.config import to_dict
 from recsys_ray.data import layout
 from recsys_ray.data import text as T
-from recsys_ray.data.config import ColumnMap, DataConfig
+from recsys_ray.data.config import ColumnMap, DataConfig, cutoff_us
 from recsys_ray.data.examples import (
     SEQUENCE_SCHEMA,
     ExampleBuilder,
@@ -87,10 +87,11 @@ class LogReader:
     """
 
     def __init__(self, columns: ColumnMap, timestamp_unit: str, catalogue_ids: pa.Array, batch_rows: int,
-                 min_value: float | None = None, event_types: list[str] | None = None):
+                 min_value: float | None = None, event_types: list[str] | None = None,
+                 cutoff_us: int | None = None):
         self.columns, self.unit, self.batch_rows = columns, timestamp_unit, batch_rows
         self.catalogue = catalogue_ids
-        self.min_value, self.event_types = min_value, event_types
+        self.min_value, self.event_types, self.cutoff_us = min_value, event_types, cutoff_us
 
     def __call__(self, files: pa.Table) -> Iterator[pa.Table]:
         for f in files.to_pylist():
@@ -113,6 +114,7 @@ class LogReader:
                     malformed=malformed,
                     min_value=self.min_value,
                     event_types=self.event_types,
+                    cutoff_us=self.cutoff_us,
                 )
                 yield out.append_column(NODE, _node_column(out.num_rows))
 
@@ -371,6 +373,7 @@ def _read_validate(inp: Inputs, actors: int):
             "batch_rows": 262_144,
             "min_value": inp.cfg.min_value,
             "event_types": list(inp.cfg.event_types),
+            "cutoff_us": cutoff_us(inp.cfg.cutoff, src.timestamp_unit),
         },
         # one reader per file up to one per CPU, from the start: an autoscaling pool that starts
         # with one actor lets it read every small file itself, on one node

@@ -43,6 +43,7 @@ REASONS = (
     "unknown_item",
     "below_min_value",  # DataConfig.min_value: e.g. ratings under 4 are not a positive signal
     "other_event_type",  # DataConfig.event_types: e.g. only purchases
+    "after_cutoff",  # DataConfig.cutoff: the log as it stood at that time
 )
 _UNIT_TO_US = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 0.001}
 # Epoch values outside [1900, 2200] are almost always a wrong unit, not a real time.
@@ -144,6 +145,7 @@ def validate_batch(
     malformed: list[tuple[int, str, str]] = (),
     min_value: float | None = None,
     event_types: list[str] | None = None,
+    cutoff_us: int | None = None,
 ) -> pa.Table:
     """Raw batch (log column names + ``__row``) -> EVENT_SCHEMA table, rejects included.
 
@@ -200,6 +202,10 @@ def validate_batch(
         reject(~wanted, "other_event_type",
                show(event, columns.event + "={!r} is not one of event_types "
                     + json.dumps(list(event_types)).replace("{", "{{").replace("}", "}}")))
+    if cutoff_us is not None and n:
+        cut = pd.Timestamp(cutoff_us, unit="us", tz="UTC").isoformat()
+        reject(ok & (us >= cutoff_us), "after_cutoff",
+               show(ts_raw, columns.timestamp + "={!r} is at or after cutoff " + cut))
     bad = np.flatnonzero(~pd.isna(reason))
     raw = np.full(n, None, dtype=object)
     if len(bad):

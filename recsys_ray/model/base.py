@@ -176,6 +176,13 @@ class BertRecommender(nn.Module):
     def init_tables(self, item_tokens: Sequence[Sequence[int]] | None) -> None:
         """A new model's per-item parameters from the catalogue (none unless the kind has them)."""
 
+    def adopt_catalogue(self, old: Catalogue, new: Catalogue) -> dict:
+        """Take ``new`` as the catalogue of a model trained on ``old`` (a warm start on newer data):
+        kinds with per-item tables re-index them; text kinds read the items' text and change
+        nothing. Returns ``{"kept", "new", "dropped"}`` item counts."""
+        kept = sum(1 for iid in new.ids if iid in old.index)
+        return {"kept": kept, "new": len(new) - kept, "dropped": len(old) - kept}
+
     @classmethod
     def train_rows(cls, manifest: dict) -> tuple[int, str]:
         """(rows one epoch covers, what they are) in the prepared data."""

@@ -84,6 +84,10 @@ class TrainConfig:
     storage_path: str = "artifacts/runs"  # run storage: local path or s3:// URI
     s3_endpoint: str | None = None  # S3-compatible store (MinIO, ...); default AWS_ENDPOINT_URL(_S3) or AWS
     name: str = "train"  # run name under storage_path (same name = resume)
+    # warm start: a fresh run starts from this checkpoint's weights (a checkpoint, a run directory
+    # = its best checkpoint, or an s3:// URI) and its model config; items new to it get their item
+    # tokens from their text, removed ones are dropped. A resumed run continues from its own checkpoint
+    init_from: str = ""
     keep_checkpoints: int = 2  # best K checkpoints by validation ndcg@10
     checkpoint_every_steps: int = 0  # extra mid-epoch checkpoints (0 = end of epoch only)
     max_failures: int = 0  # worker failures tolerated (restarts from the latest checkpoint)

@@ -13,7 +13,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from recsys_ray import storage
-from recsys_ray.checkpoint import SCORE, best_checkpoint
+from recsys_ray.checkpoint import SCORE, best_checkpoint, resolve
 from recsys_ray.config import to_dict
 from recsys_ray.data import layout
 from recsys_ray.errors import ConfigError, DataError, RecsysError, one_line
@@ -40,6 +40,22 @@ def check_vocab(manifest: dict, tokenizer, data_dir: str) -> None:
         )
 
 
+def check_init_from(cfg: TrainConfig):
+    """The model a warm start begins from, loaded once on the driver so that a bad checkpoint or
+    one of another kind fails before any worker starts (the workers load it again themselves)."""
+    try:
+        model = kinds.load_model(resolve(cfg.init_from))
+    except RecsysError as exc:
+        raise ConfigError([f"init_from {cfg.init_from!r}: {one_line(exc)}"]) from None
+    have, want = (model.cfg.kind, model.cfg.history), (cfg.model.kind, cfg.model.history)
+    if have != want:
+        raise ConfigError([f"init_from {cfg.init_from!r} is a {'/'.join(have)} checkpoint but the config trains "
+                           f"a {'/'.join(want)} model"])
+    log.info("warm start from %s (%s/%s, step %s): its weights and model config; the config's model section "
+             "other than kind and history is not used", cfg.init_from, *have, model.extra.get("step"))
+    return model
+
+
 def plan(cfg: TrainConfig) -> dict:
     """Checks that need only the driver (before any worker starts): data, manifest, tokenizer;
     returns what the workers need to know (steps per epoch, data fingerprint, text config)."""
@@ -50,7 +66,8 @@ def plan(cfg: TrainConfig) -> dict:
     problem = kind.data_problem(data)
     if problem:
         raise DataError(problem)
-    check_vocab(manifest, load_tokenizer(cfg.model.encoder), data)
+    init = check_init_from(cfg) if cfg.init_from else None
+    check_vocab(manifest, init.tokenizer if init else load_tokenizer(cfg.model.encoder), data)
     prepared = manifest.get("config", {}).get("negatives", cfg.negatives)
     if kind.prepared_negatives and cfg.negatives > prepared:
         raise ConfigError([f"negatives={cfg.negatives} but {data} was prepared with {prepared} per positive"])
@@ -63,6 +80,7 @@ def plan(cfg: TrainConfig) -> dict:
         spe = min(spe, cfg.max_steps_per_epoch)
     return {
         "steps_per_epoch": spe,
+        "init_from": cfg.init_from,
         "data_fingerprint": manifest["fingerprint"],
         "text": manifest.get("text", {}),
         "train_examples": n_train,

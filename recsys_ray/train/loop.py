@@ -28,6 +28,7 @@ from recsys_ray.checkpoint import (
     SCORE,
     UNVALIDATED_SCORE,
     load_train_state,
+    resolve,
     write_training_checkpoint,
 )
 from recsys_ray.config import build_config, to_dict
@@ -161,11 +162,16 @@ def setup_worker(cfg: TrainConfig, run: dict) -> Worker:
 
     checkpoint = ray.train.get_checkpoint()
     torch.manual_seed(cfg.seed)  # same initial head on every rank
+    warm_start = None
     if checkpoint:
         with checkpoint.as_directory() as d:
             model = kinds.load_model(d)
+    elif run.get("init_from"):
+        model, warm_start = warm_start_model(run["init_from"], catalogue, rank)
     else:
         model = kinds.from_config(cfg.model, tokenizer, item_tokens=catalogue.tokens)
+    if model.tokenizer is not None:
+        tokenizer = model.tokenizer  # a checkpoint's own (the driver checked it has the data's vocabulary)
     model.train()
     step_module = ray.train.torch.prepare_model(ScoreStep(model))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -181,6 +187,8 @@ def setup_worker(cfg: TrainConfig, run: dict) -> Worker:
     collate = model.collator(catalogue, special, cfg.train_settings(), tokenizer, rank)
     w = Worker(cfg, run, rank, world, device, catalogue, valid_rows, tokenizer, special, model,
                step_module, params, optimizer, scheduler, collate)
+    if warm_start is not None:
+        w.progress["warm_start"] = warm_start  # travels in every checkpoint of the run
     if checkpoint:
         with checkpoint.as_directory() as d:
             w.progress = load_train_state(d, optimizer, scheduler)
@@ -194,6 +202,19 @@ def setup_worker(cfg: TrainConfig, run: dict) -> Worker:
                      w.progress["global_step"], w.progress["epoch"], w.progress["step_in_epoch"],
                      len(w.progress["resumed_from"]))
     return w
+
+
+def warm_start_model(source: str, catalogue: Catalogue, rank: int) -> tuple[BertRecommender, dict]:
+    """The model of checkpoint ``source`` (local, run directory or s3://) moved onto this run's
+    catalogue (:meth:`BertRecommender.adopt_catalogue`); returns it and what happened to the items."""
+    path = resolve(source)
+    model = kinds.load_model(path)
+    counts = model.adopt_catalogue(Catalogue.load(path), catalogue)
+    if rank == 0:
+        log.info("warm start from %s (step %s): %d items kept their learned vectors, %d new items initialised "
+                 "from their text, %d removed", source, model.extra.get("step"), counts["kept"], counts["new"],
+                 counts["dropped"])
+    return model, {"source": source, "step": model.extra.get("step"), **counts}
 
 
 def micro_batches(w: Worker) -> Iterator[list[dict]]:
@@ -338,8 +359,9 @@ def save_and_report(w: Worker, state: dict, metrics: dict) -> None:
     Both carry the run's restarts so far (``resumed_from``: the step each restart resumed at)."""
     resumed_from = list(w.progress.get("resumed_from", []))
     state = {**state, "resumed_from": resumed_from}
-    if "early_stopping" in w.progress:
-        state["early_stopping"] = dict(w.progress["early_stopping"])
+    for key in ("early_stopping", "warm_start"):
+        if key in w.progress:
+            state[key] = dict(w.progress[key])
     metrics = {**metrics, "restarts": len(resumed_from), "resumed_from_step": resumed_from[-1] if resumed_from else -1}
     workers = worker_records(w)  # a collective: every rank takes part
     with tempfile.TemporaryDirectory() as tmp:
@@ -354,6 +376,7 @@ def save_and_report(w: Worker, state: dict, metrics: dict) -> None:
                 "data_fingerprint": w.run["data_fingerprint"],
                 "text": w.run["text"],
                 "workers": workers,
+                "warm_start": w.progress.get("warm_start"),
             }
             # the catalogue travels in the checkpoint: serving needs nothing but the checkpoint
             write_training_checkpoint(tmp, w.model, w.tokenizer, extra, w.optimizer, w.scheduler, state, w.catalogue)

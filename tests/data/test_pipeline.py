@@ -11,7 +11,7 @@ from recsys_ray.config import build_config
 from recsys_ray.data.config import DataConfig
 from recsys_ray.data.layout import read_split
 from recsys_ray.data.pipeline import prepare
-from recsys_ray.errors import DataError, RecsysError
+from recsys_ray.errors import ConfigError, DataError, RecsysError
 
 ITEMS = "item_id,title,genre\ni1,Alpha,drama\ni2,Beta,comedy\ni3,Gamma,drama\ni4,Delta,horror\ni5,Epsilon,comedy\n"
 # u1: 4 good events (two tied at t=30: i3 came first in the file); u2: 3 good; u3: 2 good (train only)
@@ -116,6 +116,24 @@ def test_min_value_keeps_only_the_positive_events(ray_session, small_log):
     assert c["rejects_by_reason"] == {"unknown_item": 1, "missing_user_id": 1, "bad_timestamp": 1, "bad_value": 1,
                                       "below_min_value": 5}
     assert c["events_accepted"] == 4 and c["users_split"] == 1
+
+
+def test_cutoff_keeps_the_log_as_it_stood_and_counts_the_rest(ray_session, small_log):
+    """Events at or after the cutoff are rejects of their own reason (the refresh cycle's "before"
+    window); a number is read in timestamp_unit, text as ISO-8601; a bad cutoff is a config error."""
+    m = prepare(_cfg(small_log, cutoff="30"))
+    c = m["counts"]
+    assert c["rows_read"] == 13 == c["events_accepted"] + c["events_rejected"]
+    # u1's i3 and i2 at t=30 and i4 at t=50 (i5 at t=60 was a bad_value first)
+    assert c["rejects_by_reason"]["after_cutoff"] == 3 and c["events_accepted"] == 6, c
+    rejects = pads.dataset(str(small_log / "out" / "rejects")).to_table().to_pylist()
+    late = sorted(r["raw"] for r in rejects if r["reason"] == "after_cutoff")
+    assert len(late) == 3 and all("at or after cutoff 1970-01-01T00:00:30+00:00" in r["detail"]
+                                  for r in rejects if r["reason"] == "after_cutoff")
+    iso = prepare(_cfg(small_log, cutoff="1970-01-01T00:00:30Z", output=str(small_log / "iso")))
+    assert iso["counts"]["rejects_by_reason"] == c["rejects_by_reason"]
+    with pytest.raises(ConfigError, match="cutoff: 'yesterday' is not a time"):
+        _cfg(small_log, cutoff="yesterday")
 
 
 def test_rerun_into_the_same_output_replaces_it(ray_session, small_log):

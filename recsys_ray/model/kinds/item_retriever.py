@@ -136,16 +136,37 @@ class ItemTokenRetriever(Retriever):
         return super().from_config(cfg, tokenizer, item_tokens)
 
     @torch.no_grad()
-    def init_tables(self, item_tokens: Sequence[Sequence[int]] | None) -> None:
-        """Item embeddings = mean of each item's word-piece embeddings ("text"), or BERT's random init."""
-        emb = self.item_emb.weight  # (N, H)
+    def initial_item_vectors(self, item_tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """(n, H) first embeddings of items with these token ids: the mean of each item's
+        word-piece embeddings ("text"), or BERT's random init. The one rule for items at first
+        training, items new to a warm-started run and items added to a serving model."""
         words = self.encoder.embeddings.word_embeddings.weight  # (V, H)
+        out = torch.empty(len(item_tokens), words.shape[1], dtype=words.dtype, device=words.device)
         if self.cfg.item_init == "random":
-            emb.normal_(std=self.encoder.config.initializer_range)
-            return
+            return out.normal_(std=self.encoder.config.initializer_range)
         for row, ids in enumerate(item_tokens):
-            ids = torch.as_tensor(list(ids), dtype=torch.long)
-            emb[row] = words[ids].mean(dim=0) if len(ids) else words.mean(dim=0)
+            ids = torch.as_tensor(list(ids), dtype=torch.long, device=words.device)
+            out[row] = words[ids].mean(dim=0) if len(ids) else words.mean(dim=0)
+        return out
+
+    @torch.no_grad()
+    def init_tables(self, item_tokens: Sequence[Sequence[int]] | None) -> None:
+        self.item_emb.weight.copy_(self.initial_item_vectors(item_tokens))
+
+    @torch.no_grad()
+    def adopt_catalogue(self, old: Catalogue, new: Catalogue) -> dict:
+        """Item embeddings for ``new``: an item ``old`` knew keeps its learned vector, a new item
+        gets :meth:`initial_item_vectors`, a removed one is dropped."""
+        counts = super().adopt_catalogue(old, new)
+        if self.num_items != len(old):
+            raise RecsysError(f"the model has {self.num_items} item embeddings but its catalogue {len(old)} items")
+        weight = self.initial_item_vectors(new.tokens)  # (N_new, H)
+        known = [(row, old.index[iid]) for row, iid in enumerate(new.ids) if iid in old.index]
+        if known:
+            rows, old_rows = (torch.as_tensor(x, dtype=torch.long) for x in zip(*known, strict=True))
+            weight[rows] = self.item_emb.weight[old_rows]
+        self.item_emb = nn.Embedding.from_pretrained(weight, freeze=False)
+        return counts
 
     @classmethod
     def saved_items(cls, state: dict[str, torch.Tensor], path: Path) -> int:
