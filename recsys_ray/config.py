@@ -15,6 +15,7 @@ Unknown keys, wrong types and value problems end in one :class:`ConfigError`.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import operator
 import re
 import types
@@ -113,6 +114,22 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return True
 
 
+def _coerce(value: Any, tp: Any) -> Any:
+    """YAML 1.1 reads some scalars as another type than the field means: ``1e-12`` (no dot) is a
+    str, ``2026-01-01T00:00:00Z`` a datetime. A str field takes a date's ISO text or a number's
+    text, a float field a str that is a float; anything else stays as it is (and is type-checked)."""
+    if isinstance(value, datetime.date) and _type_ok("", tp):
+        return value.isoformat()
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not _type_ok(value, tp) and _type_ok("", tp):
+        return str(value)  # cutoff=891382271
+    if isinstance(value, str) and not _type_ok(value, tp) and _type_ok(0.0, tp):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _describe(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:
@@ -135,7 +152,7 @@ def _build(cls: type[T], data: Any, prefix: str, problems: list[str]) -> T:
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, f"{path}.", problems)
-        elif _type_ok(value, tp):
+        elif _type_ok(value := _coerce(value, tp), tp):
             kwargs[key] = float(value) if tp is float else value
         else:
             problems.append(f"{path}: expected {_describe(tp)}, got {value!r}")

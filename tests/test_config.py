@@ -68,3 +68,17 @@ def test_range_rules_name_the_field_by_its_path():
         "optim.lr must be > 0, got 0.0",
         "optim.warmup_ratio must be in [0, 1), got 1.0",
     ]
+
+
+def test_yaml_scalars_of_another_type_are_read_as_the_field_means():
+    """YAML 1.1 reads 1e-12 as a str and an ISO time as a datetime; a float field takes the number,
+    a str field the text; a str that is no number stays an error."""
+    from recsys_ray.train.config import TrainConfig
+
+    assert build_config(TrainConfig, {}, ["optim.lr=1e-12"]).optim.lr == 1e-12
+    assert build_config(DataConfig, {}, ["cutoff=1998-03-01T00:00:00Z"]).cutoff == "1998-03-01T00:00:00+00:00"
+    assert build_config(DataConfig, {}, ["cutoff=891382271"]).cutoff == "891382271"
+    with pytest.raises(ConfigError, match="optim.lr: expected float, got 'abc'"):
+        build_config(TrainConfig, {}, ["optim.lr=abc"])
+    with pytest.raises(ConfigError, match="seed: expected int"):
+        build_config(DataConfig, {}, ["seed=1.5"])
