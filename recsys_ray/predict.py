@@ -57,6 +57,9 @@ class PredictorConfig:
     popularity_weight: float = 0.0  # beta of the retriever's popularity prior
     max_context_tokens: int | None = None  # default: what the checkpoint trained with
     torch_threads: int | None = None
+    # items= may differ from the checkpoint's catalogue (a newer window): the model takes it as a
+    # warm start would (BertRecommender.adopt_catalogue: new items from their text, removed ones dropped)
+    adopt_items: bool = False
 
 
 def rerank_order(ranker_scores: np.ndarray, k: int) -> np.ndarray:
@@ -92,6 +95,10 @@ class Predictor:
         self.items = Catalogue.load(items_path)
         if len(self.items) == 0:
             raise RecsysError(f"{items_path}: the catalogue is empty")
+        self.adopted: dict[str, dict] = {}  # role -> {"kept", "new", "dropped"} (adopt_items)
+        for role, model in zip(ROLES, (self.retriever, self.ranker), strict=True):
+            if model is not None and cfg.adopt_items and (model.source / CATALOGUE_FILE).is_file():
+                self.adopted[role] = model.adopt_catalogue(Catalogue.load(model.source), self.items)
         for model in models:
             problem = model.catalogue_problem(self.items)
             if problem:

@@ -71,6 +71,7 @@ class EvalSettings:
     baselines: bool = True
     sequential: SequentialSettings | None = field(default_factory=SequentialSettings)  # None: no Markov/SASRec rows
     s3_endpoint: str | None = None  # S3-compatible store; default AWS_ENDPOINT_URL(_S3) or AWS
+    adopt_items: bool = False  # models trained on another catalogue take this data's (PredictorConfig.adopt_items)
 
     def problems(self) -> list[str]:
         out = []
@@ -197,7 +198,8 @@ def rank_split(settings: EvalSettings, split: str, retriever: str | None, ranker
     # a small split is one block: split it so every actor gets a share
     ds = ds.repartition(max(1, min(ds.count() // settings.batch_size, 4 * actors))).materialize()
     predictor = {"retriever": retriever, "ranker": ranker, "items": settings.data,
-                 "batch_size": settings.batch_size, "rerank_top": settings.rerank_top}
+                 "batch_size": settings.batch_size, "rerank_top": settings.rerank_top,
+                 "adopt_items": settings.adopt_items}
     ranked = ds.map_batches(
         RankUDF,
         fn_constructor_kwargs={"predictor": predictor, "betas": list(settings.betas), "rerank_beta": rerank_beta,

@@ -63,14 +63,23 @@ def _cfg(data: str, tmp: Path, name: str, **over):
     })
 
 
-def test_a_refresh_starts_from_the_served_model_on_a_grown_catalogue(windows, tmp_path):
+@pytest.fixture(scope="module")
+def runs(windows, tmp_path_factory) -> dict:
+    """The first model (the "before" window) and its refresh (the "after" window, from the first)."""
+    tmp = tmp_path_factory.mktemp("warm_runs")
+    first = fit(_cfg(windows["before"], tmp, "first"))
+    refresh = fit(_cfg(windows["after"], tmp, "refresh", init_from=first["run"]))
+    return {"first": first, "refresh": refresh}
+
+
+def test_a_refresh_starts_from_the_served_model_on_a_grown_catalogue(windows, runs):
     before, after = windows["before_manifest"]["counts"], windows["after_manifest"]["counts"]
     # every late event is left out of "before": after_cutoff, or unknown_item first for i60..i79
     assert set(before["rejects_by_reason"]) == {"after_cutoff", "unknown_item"}
     assert sum(before["rejects_by_reason"].values()) == 96 * 4
     assert after["rejects_by_reason"].get("unknown_item", 0) > 0 and "after_cutoff" not in after["rejects_by_reason"]
 
-    first = fit(_cfg(windows["before"], tmp_path, "first"))
+    first = runs["first"]
     old_path = Path(first["best_checkpoint"])
     old = load_model(old_path)
     old_items = Catalogue.load(old_path)
@@ -91,7 +100,7 @@ def test_a_refresh_starts_from_the_served_model_on_a_grown_catalogue(windows, tm
     assert torch.equal(model.encoder.embeddings.word_embeddings.weight, old.encoder.embeddings.word_embeddings.weight)
 
     # the refresh: a run on the "after" window from the first run's directory (its best checkpoint)
-    refresh = fit(_cfg(windows["after"], tmp_path, "refresh", init_from=first["run"]))
+    refresh = runs["refresh"]
     ckpt = Path(refresh["best_checkpoint"])
     state = json.loads((ckpt / "train_state.json").read_text())["progress"]
     assert state["warm_start"] == {"source": first["run"], "step": json.loads(
@@ -108,3 +117,58 @@ def test_a_bad_init_from_fails_before_training_with_the_reason(windows, checkpoi
     # a text ranker checkpoint cannot warm-start an item-token retriever
     with pytest.raises(ConfigError, match="is a ranker/text checkpoint but the config trains a retriever/items"):
         plan(_cfg(windows["after"], tmp_path, "x", init_from=checkpoints["ranker"]))
+
+
+def test_the_promotion_gate_promotes_only_a_winner_and_points_the_serving_config_at_it(windows, runs, tmp_path):
+    """Both orders of the same two models on the same window: exactly one is promoted (the one
+    with the higher NDCG@10), only its serving config changes (comments kept); a margin larger
+    than the gap refuses even the winner. The current model is scored on the window's catalogue
+    (the first model never saw i60..i79: their item tokens come from their text)."""
+    from recsys_ray.evaluate.promote import PromoteSettings, promote
+
+    first, refresh = runs["first"]["best_checkpoint"], runs["refresh"]["best_checkpoint"]
+    text = f"# served model\napplications:\n  - name: recsys\n    args:\n      checkpoint: {first}  # the current one\n"
+
+    def gate(candidate, current, name, margin=0.0):
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(text)
+        d = promote(PromoteSettings(candidate=candidate, current=current, data=windows["after"],
+                                    decision=str(tmp_path / f"{name}.json"), serve_config=str(config),
+                                    margin=margin, actors=1))
+        assert json.loads((tmp_path / f"{name}.json").read_text()) == d
+        return d, config.read_text()
+
+    a, a_text = gate(refresh, first, "a")
+    b, b_text = gate(first, refresh, "b")
+    assert a["candidate"]["ndcg@10"] == b["current"]["ndcg@10"] and a["current"]["ndcg@10"] == b["candidate"]["ndcg@10"]
+    assert a["candidate"]["ndcg@10"] != a["current"]["ndcg@10"], a
+    assert a["promoted"] != b["promoted"], (a, b)
+    winner, loser = (a, b) if a["promoted"] else (b, a)
+    assert winner["candidate"]["ndcg@10"] > winner["current"]["ndcg@10"]
+    assert "candidate ndcg@10" in winner["reason"] and " > current " in winner["reason"]
+    assert " <= current " in loser["reason"] and loser["serve_config"]["updated"] is False
+    assert winner["serve_config"]["updated"] is True
+    winner_text, loser_text = (a_text, b_text) if a["promoted"] else (b_text, a_text)
+    assert loser_text == text  # a refused candidate changes nothing
+    assert winner_text == text.replace(f"checkpoint: {first}", f'checkpoint: "{winner["candidate"]["checkpoint"]}"')
+    assert "# the current one" in winner_text
+    # a margin above the gap: even the winner stays out
+    gap = winner["candidate"]["ndcg@10"] / max(winner["current"]["ndcg@10"], 1e-9) - 1
+    held, held_text = gate(winner["candidate"]["checkpoint"], winner["current"]["checkpoint"], "held", margin=gap + 0.5)
+    assert held["promoted"] is False and held_text == text
+
+
+def test_the_promotion_gate_refuses_bad_input_before_scoring(windows, runs, tmp_path):
+    from recsys_ray.evaluate.promote import PromoteSettings, promote
+
+    ok = runs["first"]["best_checkpoint"]
+    two = tmp_path / "two.yaml"
+    two.write_text("applications:\n  - {name: a, args: {checkpoint: x}}\n  - {name: b, args: {checkpoint: x}}\n")
+    with pytest.raises(ConfigError) as info:
+        promote(PromoteSettings(candidate="/nope", current=ok, data=str(tmp_path), serve_config=str(two),
+                                metric="auc", decision=str(tmp_path / "d.json")))
+    msg = str(info.value)
+    for part in ("--candidate /nope: not found", "not a prepared data directory", "--metric 'auc'",
+                 "give --app, one of ['a', 'b']"):
+        assert part in msg, msg
+    assert not (tmp_path / "d.json").exists()
