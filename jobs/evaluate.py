@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="score the test split with SASRec's best validation epoch instead of refitting it on "
                              "everything before the test event for that many epochs (as EASE and Markov are refitted)")
     parser.add_argument("--no-sequential", action="store_true", help="no Markov / SASRec rows")
+    parser.add_argument("--targets", default="all", choices=["all", "cold", "warm"],
+                        help="test events on the data's held-out cold items only, on the others, or all "
+                             "(data prepared with --set cold_items=F)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
+                        help="score with the models in this precision (int8: dynamic quantization, CPU)")
     parser.add_argument("--s3-endpoint", help="S3-compatible store (default: AWS_ENDPOINT_URL(_S3), else AWS)")
     args = parser.parse_args(argv)
     if not args.merge and not args.data:
@@ -56,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
             out = evaluate(EvalSettings(
                 data=args.data, checkpoints=args.checkpoint, rankers=args.ranker, output=args.output,
                 rerank_top=args.rerank_top, sampled=args.sampled, max_users=args.max_users,
-                baselines=not args.no_baselines, s3_endpoint=args.s3_endpoint,
+                baselines=not args.no_baselines, s3_endpoint=args.s3_endpoint, precision=args.precision,
+                targets=args.targets,
                 sequential=None if args.no_sequential else SequentialSettings(
                     sasrec_seeds=args.sasrec_seeds, sasrec_refit=not args.no_sasrec_refit),
             ))

@@ -1,8 +1,8 @@
 """The promotion gate: score a candidate and the served retriever on the same held-out window;
 promote the candidate only if it wins by the margin.
 
-    python jobs/promote.py --candidate artifacts/runs/refresh --current artifacts/models/retriever \\
-        --data artifacts/ml-100k --margin 0.01 --serve-config serve_configs/local.yaml
+    python jobs/promote.py --candidate artifacts/runs/refresh --data artifacts/ml-100k --margin 0.01 \\
+        --popularity-weight 1.0 --serve-config serve_configs/local.yaml   # current = the config's checkpoint
 
 Writes the decision JSON (both models' metrics side by side, promoted or not, and why) to
 --decision, and only when the candidate wins points --serve-config's retriever checkpoint at it
@@ -22,7 +22,7 @@ from recsys_ray.evaluate.promote import PromoteSettings, promote
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--candidate", required=True, help="checkpoint, run directory or s3:// URI")
-    parser.add_argument("--current", required=True, help="the served retriever (same forms)")
+    parser.add_argument("--current", help="the served retriever (same forms); default: --serve-config's checkpoint")
     parser.add_argument("--data", required=True, help="prepared window both are scored on")
     parser.add_argument("--decision", default="artifacts/promote/decision.json")
     parser.add_argument("--serve-config", help="serving config whose retriever checkpoint a winner replaces")

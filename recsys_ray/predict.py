@@ -23,10 +23,12 @@ cached per request, so results are the same whatever the batch composition.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from recsys_ray import checkpoint
@@ -36,6 +38,7 @@ from recsys_ray.data.tokenize import encode_texts
 from recsys_ray.errors import RecsysError
 from recsys_ray.model import kinds
 from recsys_ray.model.base import BertRecommender, InputSettings, Retriever
+from recsys_ray.model.compress import compress
 from recsys_ray.model.tokenizer import vocab_digest
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,7 @@ class PredictorConfig:
     # items= may differ from the checkpoint's catalogue (a newer window): the model takes it as a
     # warm start would (BertRecommender.adopt_catalogue: new items from their text, removed ones dropped)
     adopt_items: bool = False
+    precision: str = "fp32"  # fp32 | int8 (dynamic quantization of the linear layers, CPU; recsys_ray.model.compress)
 
 
 def rerank_order(ranker_scores: np.ndarray, k: int) -> np.ndarray:
@@ -116,19 +120,62 @@ class Predictor:
         self.special = self.inputs.special
         self._item_vecs: torch.Tensor | None = None
         self._prior = self._popularity_prior()
+        self._swap = threading.Lock()  # add_items replaces (items, item vectors, prior) together
 
     def _load(self, path: str, role: str) -> BertRecommender:
         origin = checkpoint.locate(path)  # the checkpoint itself (a URI stays one): what /readyz reports
         model = kinds.load_model(checkpoint.resolve(origin), map_location=self.device, expect=role)
         self.origins[role] = origin
-        return model
+        return compress(model, self.cfg.precision, self.device)
 
-    def _popularity_prior(self) -> np.ndarray | None:
+    def _popularity_prior(self, items: Catalogue | None = None) -> np.ndarray | None:
+        items = items or self.items
         if not self.cfg.popularity_weight:
             return None
-        if self.items.counts is None:
+        if items.counts is None:
             raise RecsysError("popularity_weight needs train counts in the catalogue (train_count column)")
-        return (self.cfg.popularity_weight * np.log1p(self.items.counts)).astype(np.float32)
+        return (self.cfg.popularity_weight * np.log1p(items.counts)).astype(np.float32)
+
+    def add_items(self, item_ids: Sequence[str], texts: Sequence[str]) -> int:
+        """Append catalogue items from their text, without retraining: each model takes the grown
+        catalogue as a warm start would (item-token retrievers: the new items' tokens from their
+        text), the new items' vectors are computed and appended, their popularity prior is 0.
+        Ids already in the catalogue (or given twice) are refused, naming them; nothing changes
+        then. Returns the catalogue's new size. Rows only grow, so a row number read before the
+        call still means the same item."""
+        if len(item_ids) != len(texts) or not item_ids:
+            raise RecsysError("give one text per item id, at least one item")
+        counts: dict[str, int] = {}
+        for iid in item_ids:
+            counts[iid] = counts.get(iid, 0) + 1
+        clash = [i for i in counts if counts[i] > 1 or i in self.items.index]
+        if clash:
+            shown = ", ".join(repr(i) for i in clash[:10]) + (" ..." if len(clash) > 10 else "")
+            raise RecsysError(f"item id(s) already in the catalogue or given twice: {shown}")
+        max_tokens = int((self._model(None).extra.get("text") or {}).get("max_item_tokens") or MAX_TEXT_TOKENS)
+        tokens = self.text_ids(texts, max_tokens)
+        old = self.items
+        table = old.table()
+        added = {"item_id": pa.array(list(item_ids), pa.string()), "text": pa.array(list(texts), pa.string()),
+                 "input_ids": pa.array(tokens, pa.list_(pa.int32()))}
+        if "train_count" in table.column_names:
+            added["train_count"] = pa.array([0] * len(item_ids), pa.int64())
+        new = Catalogue(pa.concat_tables([table, pa.table(added).select(table.column_names)]))
+        for model in (self.retriever, self.ranker):
+            if model is not None:
+                model.adopt_catalogue(old, new)
+        rows = list(range(len(old), len(new)))
+        vecs = self._item_vecs
+        if vecs is not None:
+            retriever = self._model("retriever")
+            fresh = retriever.candidate_vectors(
+                retriever.candidate_ids(rows, new), self.special, self.device, self.cfg.batch_size,
+                lambda: retriever.catalogue_vectors(new, self.special, self.device, self.cfg.batch_size))
+            vecs = torch.cat([vecs, fresh.to(vecs.device)])
+        prior = self._popularity_prior(new)
+        with self._swap:  # a retrieval in another thread sees the old or the new catalogue, whole
+            self.items, self._item_vecs, self._prior = new, vecs, prior
+        return len(new)
 
     @property
     def roles(self) -> list[str]:
@@ -218,9 +265,12 @@ class Predictor:
 
     def retrieval_scores(self, contexts: Sequence[Sequence[int]], with_prior: bool = True) -> np.ndarray:
         """(B, I) scaled cosine of each context with every item (+ the popularity prior)."""
-        scores = self._model("retriever").score(self.user_vectors(contexts), self.item_vectors()).numpy()
-        if with_prior and self._prior is not None:
-            scores = scores + self._prior[None, :]
+        self.item_vectors()
+        with self._swap:
+            vecs, prior = self._item_vecs, self._prior
+        scores = self._model("retriever").score(self.user_vectors(contexts), vecs).numpy()
+        if with_prior and prior is not None:
+            scores = scores + prior[None, :]
         return scores
 
     def retrieve(self, contexts: Sequence[Sequence[int]], k: int,

@@ -21,6 +21,8 @@ from recsys_ray.cli import setup_logging
 from recsys_ray.errors import RecsysError
 from recsys_ray.predict import Predictor, PredictorConfig
 from recsys_ray.serve.api import (
+    AddItemsRequest,
+    AddItemsResponse,
     ApiError,
     AppArgs,
     RecommendedItem,
@@ -75,6 +77,14 @@ class PlainBackend:
         model = "retriever+ranker" if self.predictor.ranker is not None else "retriever"
         return RecommendResponse(model=model, items=out), 1
 
+    async def add_items(self, req: AddItemsRequest) -> AddItemsResponse:
+        try:
+            size = await self._run(self.predictor.add_items, [it.item_id for it in req.items],
+                                   [it.text for it in req.items])
+        except RecsysError as exc:
+            raise ApiError(422, refusal_detail(refusal(exc))) from None
+        return AddItemsResponse(added=len(req.items), items=size)
+
     async def ready(self) -> tuple[bool, dict]:
         return True, {"models": {k: {"kind": k} for k in self.predictor.roles}}
 
@@ -86,7 +96,7 @@ def build_plain_app(args: AppArgs) -> tuple:
         retriever=args.checkpoint, ranker=args.ranker_checkpoint, items=args.items or args.checkpoint,
         device=resolve_device(args.device), batch_size=args.forward_batch_size, rerank_top=args.rerank_top,
         popularity_weight=args.popularity_weight, max_context_tokens=args.max_context_tokens,
-        torch_threads=args.torch_threads,
+        torch_threads=args.torch_threads, precision=args.precision,
     ))
     predictor.item_vectors()  # like the Retriever replica: loaded before the first request
     return create_api(PlainBackend(predictor, args), title="recsys_ray (plain)"), predictor

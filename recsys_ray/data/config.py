@@ -52,7 +52,7 @@ class DataConfig:
     RANGES: ClassVar[dict[str, str]] = {
         "min_user_events": ">= 3",  # train, validation and test need one event each
         "min_history": ">= 0", "max_history": ">= 1", "max_context_tokens": ">= 1", "max_item_tokens": ">= 1",
-        "negatives": ">= 0", "popularity_alpha": ">= 0", "num_actors": ">= 0",
+        "negatives": ">= 0", "popularity_alpha": ">= 0", "num_actors": ">= 0", "cold_items": "[0, 1)",
     }
 
     dataset: str = "movielens-100k"  # movielens-100k | synthetic | path, folder, glob or s3:// URI of logs
@@ -73,6 +73,10 @@ class DataConfig:
     # keep the log as it stood at this time: events at or after it -> rejects (after_cutoff), so a
     # first model and its refresh are reproducible from one log. ISO-8601 or a number in timestamp_unit
     cutoff: str | None = None
+    # cold-start items: this share of the catalogue's items with events, the ones first seen latest,
+    # is held out of training and validation entirely (their events leave train and validation
+    # histories too); a user's test event on one is kept: the cold-item test rows (docs/quality.md)
+    cold_items: float = 0.0
     min_user_events: int = 3  # users with fewer events stay in train only
     min_history: int = 1  # a train target needs at least this many earlier events
     max_history: int = 20  # most recent history items rendered into the user context

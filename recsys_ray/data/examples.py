@@ -93,6 +93,45 @@ def build_sequences(events: pa.Table, min_user_events: int) -> pa.Table:
     return pa.table(data, schema=schema)
 
 
+def item_first_seen(sequences: pa.Table) -> pa.Table:
+    """(item_id, first) of a block of sequences: each item's earliest event (epoch us)."""
+    if sequences.num_rows == 0:
+        return pa.table({"item_id": pa.array([], pa.string()), "first": pa.array([], pa.int64())})
+    t = pa.table({"item_id": sequences["item_ids"].combine_chunks().flatten(),
+                  "ts": pc.cast(sequences["timestamps"].combine_chunks().flatten(), pa.int64())})
+    g = t.group_by("item_id").aggregate([("ts", "min")])
+    return pa.table({"item_id": g["item_id"], "first": g["ts_min"]})
+
+
+def hold_out_items(sequences: pa.Table, cold: list[str]) -> pa.Table:
+    """Sequences without the ``cold`` items' events, except each split user's test event: the
+    user's other events are split again (the last one left is validation). A split user left
+    with fewer than two other events keeps them as train only (its cold test event is dropped).
+    Adds ``held_out`` (events removed per user) for the manifest's counts."""
+    cold_set = set(cold)
+    items_in, ts_in = sequences["item_ids"].to_pylist(), sequences["timestamps"].to_pylist()
+    items_out, ts_out, n_out, held = [], [], [], []
+    for items, ts, n in zip(items_in, ts_in, sequences["n_train"].to_pylist(), strict=True):
+        split = n == len(items) - 2
+        body = items[:-1] if split else items
+        keep = [j for j, i in enumerate(body) if i not in cold_set]
+        if split and len(keep) >= 2:
+            keep.append(len(items) - 1)
+            n_new = len(keep) - 2
+        else:
+            n_new = len(keep)
+        items_out.append([items[j] for j in keep])
+        ts_out.append([ts[j] for j in keep])
+        n_out.append(n_new)
+        held.append(len(items) - len(keep))
+    out = sequences.set_column(sequences.schema.get_field_index("item_ids"), "item_ids",
+                               pa.array(items_out, pa.list_(pa.string())))
+    out = out.set_column(out.schema.get_field_index("timestamps"), "timestamps",
+                         pa.array(ts_out, sequences.schema.field("timestamps").type))
+    out = out.set_column(out.schema.get_field_index("n_train"), "n_train", pa.array(n_out, pa.int64()))
+    return out.append_column("held_out", pa.array(held, pa.int64()))
+
+
 def train_item_counts(sequences: pa.Table) -> pa.Table:
     """(item_id, count) of train events in a block of sequences (for popularity)."""
     if sequences.num_rows == 0:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
@@ -42,6 +43,8 @@ from recsys_ray.data.examples import (
     ExampleBuilder,
     ExampleSettings,
     build_sequences,
+    hold_out_items,
+    item_first_seen,
     train_item_counts,
 )
 from recsys_ray.data.files import FileRef, iter_record_batches, list_files
@@ -346,7 +349,7 @@ def _run(inp: Inputs) -> dict:
     validated, counts = timed("read_validate", _read_validate, inp, actors)
     sequences, stats, popularity = timed("split", _split_users, inp, validated)
     timed("examples", _write_examples, inp, sequences, items, popularity, actors)
-    assert stats["events"] == counts["accepted"], (stats, counts)  # every accepted event is in a sequence
+    assert stats["events_in_sequences"] == counts["accepted"], (stats, counts)  # every accepted event is in a sequence
     return _manifest(inp, items, counts, stats, timings, cpus, actors)
 
 
@@ -419,6 +422,14 @@ def _split_users(inp: Inputs, validated):
         )
         .materialize()
     )
+    # every accepted event is in a sequence (counted before any cold items are held out)
+    events_in_sequences = _sum_rows(
+        sequences.map_batches(_sequence_stats, batch_format="pyarrow", batch_size=None), ["events"])["events"]
+    cold = _cold_items(inp.cfg.cold_items, sequences, inp.catalogue.num_rows) if inp.cfg.cold_items else None
+    if cold is not None:
+        sequences = sequences.map_batches(hold_out_items, fn_kwargs={"cold": cold["ids"]}, batch_size=None,
+                                          batch_format="pyarrow").materialize()
+        cold["events_held_out"] = _sum_rows(sequences.select_columns(["held_out"]), ["held_out"])["held_out"]
     # with profiles, sequences keep profile_text: history="items" models train from sequences
     seq_columns = SEQUENCE_SCHEMA.names + (["profile_text"] if with_profiles else [])
     path, fs = layout.dataset_target(inp.out, layout.SEQUENCES)
@@ -427,6 +438,8 @@ def _split_users(inp: Inputs, validated):
         sequences.map_batches(_sequence_stats, batch_format="pyarrow", batch_size=None),
         ["users", "events", "train_events", "split_users", "profiles"],
     )
+    stats["events_in_sequences"] = events_in_sequences
+    stats["cold_items"] = cold
     popularity = None
     if inp.cfg.negative_sampling == "popularity":
         popularity = _counts_by_key(
@@ -436,6 +449,21 @@ def _split_users(inp: Inputs, validated):
         profile_counts["profiles_without_events"] = profile_counts.pop("users") - stats["profiles"]
     stats["profile_rows"] = profile_counts
     return sequences, stats, popularity
+
+
+def _cold_items(fraction: float, sequences, num_items: int) -> dict:
+    """The ``fraction`` of items with events first seen latest (ties: by id), by their first event."""
+    first: dict[str, int] = {}
+    for ref in sequences.map_batches(item_first_seen, batch_format="pyarrow", batch_size=None).to_arrow_refs():
+        t = ray.get(ref)
+        for k, v in zip(t["item_id"].to_pylist(), t["first"].to_pylist(), strict=True):
+            first[k] = min(v, first.get(k, v))
+    n = max(1, round(fraction * len(first)))
+    ids = sorted(first, key=lambda k: (-first[k], k))[:n]
+    since = min(first[k] for k in ids)
+    return {"fraction": fraction, "by": "first event, latest first", "items_with_events": len(first),
+            "catalogue_items": num_items, "count": n,
+            "first_seen_since": pd.Timestamp(since, unit="us", tz="UTC").isoformat(), "ids": sorted(ids)}
 
 
 def _read_profiles(inp: Inputs):
@@ -510,7 +538,11 @@ def _manifest(inp: Inputs, items: pa.Table, counts: dict, stats: dict, timings: 
             "user_rows": stats["profile_rows"],
             "events_by_split": {"train": stats["train_events"], "valid": split_users, "test": split_users},
             "examples_by_split": example_counts,
+            # events_accepted = train + valid + test events + these (DataConfig.cold_items)
+            "cold_item_events_held_out": (stats["cold_items"] or {}).get("events_held_out", 0),
         },
+        # the held-out items (ids, how chosen): evaluate --targets cold|warm reads them
+        "cold_items": stats["cold_items"],
         "tokenizer": inp.tok,
         "text": {
             "item_text_columns": inp.text_cols,

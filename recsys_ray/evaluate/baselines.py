@@ -228,7 +228,8 @@ def itemknn_scores(X_rows: Rows, S: np.ndarray) -> np.ndarray:
 # --- the test split ------------------------------------------------------------------------------
 
 
-def baseline_ranks(data: str, max_users: int = 0, sequential: SequentialSettings | None = None) -> dict[str, dict]:
+def baseline_ranks(data: str, max_users: int = 0, sequential: SequentialSettings | None = None,
+                   targets_in: set[str] | None = None) -> dict[str, dict]:
     """Popularity, EASE (L2 tuned on validation) and, with ``sequential``, Markov and SASRec
     (knobs tuned on validation) ranks of every test user's target: ``{name: {"ranks": [one
     array per seed], "params": ...}}``.
@@ -258,6 +259,9 @@ def baseline_ranks(data: str, max_users: int = 0, sequential: SequentialSettings
     users = np.flatnonzero(np.asarray(test_t) >= 0)
     if max_users:
         users, test_users = users[:max_users], test_users[:max_users]
+    if targets_in is not None:  # only the test events on these items (evaluate --targets)
+        keep = np.asarray([items.ids[t] in targets_in for t in np.asarray(test_t)[users]], dtype=bool)
+        users, test_users = users[keep], [u for u, k in zip(test_users, keep, strict=True) if k]
     targets = np.asarray(test_t)[users]
     # a test event that repeats a history item is not scored (metrics.repeats_history)
     novel = np.asarray(X_full[users, targets]).ravel() == 0

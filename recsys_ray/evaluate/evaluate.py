@@ -72,6 +72,21 @@ class EvalSettings:
     sequential: SequentialSettings | None = field(default_factory=SequentialSettings)  # None: no Markov/SASRec rows
     s3_endpoint: str | None = None  # S3-compatible store; default AWS_ENDPOINT_URL(_S3) or AWS
     adopt_items: bool = False  # models trained on another catalogue take this data's (PredictorConfig.adopt_items)
+    precision: str = "fp32"  # fp32 | int8 (recsys_ray.model.compress)
+    targets: str = "all"  # all | cold | warm: test events on the data's held-out cold items, or on the others
+
+    def target_items(self) -> set[str] | None:
+        """The item ids test targets must be among (None: all), from the manifest's cold items."""
+        if self.targets == "all":
+            return None
+        cold = layout.read_manifest(self.data).get("cold_items")
+        if not cold:
+            raise ConfigError([f"--targets {self.targets}: {self.data} has no cold items (prepare it with "
+                               "--set cold_items=0.1)"])
+        if self.targets == "cold":
+            return set(cold["ids"])
+        ids = layout.read_items(self.data, ["item_id"])["item_id"].to_pylist()
+        return set(ids) - set(cold["ids"])
 
     def problems(self) -> list[str]:
         out = []
@@ -88,6 +103,8 @@ class EvalSettings:
             out.extend(self.sequential.problems())
         if self.rerank_top < 1:
             out.append("rerank_top must be >= 1")
+        if self.targets not in ("all", "cold", "warm"):
+            out.append(f"--targets {self.targets!r}: all, cold or warm")
         if not self.betas or any(b < 0 for b in self.betas):
             out.append("betas must be a non-empty list of values >= 0")
         return out
@@ -195,11 +212,16 @@ def rank_split(settings: EvalSettings, split: str, retriever: str | None, ranker
     # held-out repeats are not scored (metrics.repeats_history); the baselines skip the same users
     ds = ds.filter(lambda row: not repeats_history(row["target_item_id"], row["seen_item_ids"])).materialize()
     repeats = total - ds.count()
+    keep = settings.target_items() if split == "test" else None  # validation (beta) on every row
+    if keep is not None:
+        ds = ds.filter(lambda row: row["target_item_id"] in keep).materialize()
+        if ds.count() == 0:
+            raise RecsysError(f"--targets {settings.targets}: no test event of {settings.data} has such a target")
     # a small split is one block: split it so every actor gets a share
     ds = ds.repartition(max(1, min(ds.count() // settings.batch_size, 4 * actors))).materialize()
     predictor = {"retriever": retriever, "ranker": ranker, "items": settings.data,
                  "batch_size": settings.batch_size, "rerank_top": settings.rerank_top,
-                 "adopt_items": settings.adopt_items}
+                 "adopt_items": settings.adopt_items, "precision": settings.precision}
     ranked = ds.map_batches(
         RankUDF,
         fn_constructor_kwargs={"predictor": predictor, "betas": list(settings.betas), "rerank_beta": rerank_beta,
@@ -266,7 +288,7 @@ def evaluate(settings: EvalSettings) -> dict:
 
     num_users = repeats_left_out = None
     if settings.baselines:
-        base = baseline_ranks(settings.data, settings.max_users, settings.sequential)
+        base = baseline_ranks(settings.data, settings.max_users, settings.sequential, settings.target_items())
         for name in ("popularity", "EASE", "Markov", "SASRec"):
             if name in base:
                 add(name, "full", [metrics_of(r) for r in base[name]["ranks"]], {"params": base[name]["params"]})
@@ -318,6 +340,7 @@ def evaluate(settings: EvalSettings) -> dict:
         "num_items": manifest.get("counts", {}).get("items"),
         "num_users": num_users,
         "protocol": "leave-last-out, full ranking, history masked, repeated targets left out, ties pessimistic",
+        "targets": settings.targets,
         "repeat_targets_left_out": repeats_left_out,
         "ks": list(DEFAULT_KS),
         "models": models,

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class PromoteSettings:
     candidate: str  # checkpoint, run directory (its best checkpoint) or s3:// URI
-    current: str  # the served one, same forms
+    current: str | None  # the served one, same forms; None: serve_config's checkpoint
     data: str  # prepared window both are judged on
     decision: str = "artifacts/promote/decision.json"  # where the decision is written
     serve_config: str | None = None  # the serving config to point at the candidate when it wins
@@ -58,15 +58,19 @@ class PromoteSettings:
             out.append(f"--split {self.split!r}: valid or test")
         if not layout.is_prepared(self.data):
             out.append(f"--data {self.data}: not a prepared data directory (no manifest.json)")
-        for name in ("candidate", "current"):
-            path = getattr(self, name)
-            if not storage.is_remote(path) and not Path(path).exists():
-                out.append(f"--{name} {path}: not found")
         if self.serve_config is not None:
             try:
-                serve_application(self.serve_config, self.app)
+                _, app = serve_application(self.serve_config, self.app)
+                if self.current is None:
+                    self.current = str(app["args"]["checkpoint"])
             except RecsysError as exc:
                 out.append(one_line(exc))
+        elif self.current is None:
+            out.append("give --current, or --serve-config (whose checkpoint is the current model)")
+        for name in ("candidate", "current"):
+            path = getattr(self, name)
+            if path is not None and not storage.is_remote(path) and not Path(path).exists():
+                out.append(f"--{name} {path}: not found")
         return out
 
 

@@ -60,12 +60,14 @@ class AppArgs(BaseModel):
     max_candidates: int = Field(200, ge=1, description="candidates per /v1/score request; more -> 413")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="request body size; larger -> 413")
     max_k: int = Field(100, ge=1, description="largest k of /v1/recommend; larger -> 422")
+    max_new_items: int = Field(1000, ge=1, description="items per POST /v1/items request; more -> 413")
     rerank_top: int = Field(50, ge=1, description="/v1/recommend: retriever shortlist the ranker rescores")
     device: str = Field("auto", description="auto (cuda when the replica has a GPU, else cpu), cpu, cuda, cuda:N")
     forward_batch_size: int = Field(128, ge=1, description="rows (pairs or texts) per encoder forward pass")
     max_context_tokens: int | None = Field(None, ge=8, description="default: what the checkpoint trained with")
     popularity_weight: float = Field(0.0, ge=0.0, description="retriever popularity prior beta")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per model replica (default: torch's)")
+    precision: Literal["fp32", "int8"] = Field("fp32", description="int8: dynamic quantization of the encoders' linear layers (CPU replicas)")
     s3_endpoint: str | None = Field(None, description="S3-compatible store for s3:// checkpoints (default: AWS_ENDPOINT_URL(_S3), else AWS)")
     api_keys_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="name of an environment variable (on the ingress replicas' nodes) holding the accepted API keys, comma or whitespace separated; with it or api_keys_file every route but /healthz needs a key")
     api_keys_file: str | None = Field(None, description="a file on the ingress replicas' nodes (e.g. a mounted Kubernetes secret) with the accepted API keys, one per line; read at replica start")
@@ -135,6 +137,27 @@ class RecommendedItem(BaseModel):
 class RecommendResponse(BaseModel):
     model: Literal["retriever+ranker", "retriever"]
     items: list[RecommendedItem]
+
+
+class NewItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    item_id: StrictStr = Field(min_length=1, max_length=256, pattern=r"^\S(.*\S)?$",
+                               description="a new catalogue id (no surrounding whitespace)")
+    text: StrictStr = Field(min_length=1, max_length=10_000, description="the item's text, as the catalogue renders it")
+
+
+class AddItemsRequest(BaseModel):
+    """Catalogue items to add to the running app from their text (no retraining)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[NewItem] = Field(min_length=1, description="ids not yet in the catalogue, each once")
+
+
+class AddItemsResponse(BaseModel):
+    added: int = Field(description="items added")
+    items: int = Field(description="catalogue size of the replica that added them")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,6 +366,8 @@ class Backend(Protocol):
 
     async def recommend(self, req: RecommendRequest) -> tuple[RecommendResponse, int]: ...
 
+    async def add_items(self, req: AddItemsRequest) -> AddItemsResponse: ...
+
     async def ready(self) -> tuple[bool, dict]: ...
 
 
@@ -422,6 +447,14 @@ def create_api(backend: Backend, title: str = "recsys_ray") -> FastAPI:
             raise ApiError(422, f"k={req.k} is more than max_k={limits.max_k}")
         out, batch = await backend.recommend(req)
         return JSONResponse(out.model_dump(), headers={BATCH_HEADER: str(batch)})
+
+    @app.post("/v1/items", response_model=AddItemsResponse)
+    async def add_items(req: AddItemsRequest) -> JSONResponse:
+        """Add catalogue items from their text, no retraining: scored at once, recommended by
+        every replica within a second; an id already in the catalogue -> 422 naming it."""
+        if len(req.items) > limits.max_new_items:
+            raise ApiError(413, f"{len(req.items)} items; at most {limits.max_new_items} per request")
+        return JSONResponse((await backend.add_items(req)).model_dump())
 
     return app
 

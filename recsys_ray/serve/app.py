@@ -48,12 +48,14 @@ from ray.serve.handle import DeploymentHandle
 
 from recsys_ray import checkpoint, storage
 from recsys_ray.data.catalogue import CATALOGUE_FILE
-from recsys_ray.errors import ConfigError, RecsysError, one_line
+from recsys_ray.errors import ConfigError, RecsysError, UnknownItems, one_line
 from recsys_ray.model.kinds import checkpoint_config
 from recsys_ray.predict import Predictor, PredictorConfig, rerank_order
 from recsys_ray.ray_compat import RUN_SNAPSHOT, deploy_serve_config
 from recsys_ray.serve.api import (
     RETRY_AFTER_S,
+    AddItemsRequest,
+    AddItemsResponse,
     ApiError,
     AppArgs,
     RecommendedItem,
@@ -66,6 +68,7 @@ from recsys_ray.serve.api import (
     refusal,
     refusal_detail,
 )
+from recsys_ray.serve.items import ItemSync
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +99,7 @@ class _ModelReplica:
 
     def _load(self, checkpoint_path: str, items: str | None, device: str, forward_batch_size: int,
               max_context_tokens: int | None, popularity_weight: float, torch_threads: int | None,
-              s3_endpoint: str | None = None) -> None:
+              s3_endpoint: str | None = None, precision: str = "fp32") -> None:
         # check_args resolved local paths once, on the driver; the Predictor copies an s3:// one
         # here (once per node, credentials from this node's own chain); an s3:// catalogue is the
         # retriever's checkpoint (the Ranker's items)
@@ -107,11 +110,30 @@ class _ModelReplica:
             **{self.kind: checkpoint_path}, items=items, device=resolve_device(device),
             batch_size=forward_batch_size, max_context_tokens=max_context_tokens,
             popularity_weight=popularity_weight if self.kind == "retriever" else 0.0,
-            torch_threads=torch_threads,
+            torch_threads=torch_threads, precision=precision,
         )
         self.predictor = Predictor(cfg)
         self.checkpoint = checkpoint_path
         self.batches = collections.Counter()  # batch size -> how many batches
+        # items added to the running app (POST /v1/items), the ones logged before this replica included
+        self.item_sync = ItemSync(self.predictor, serve.get_replica_context().app_name)
+        self.item_sync.apply_now()
+
+    async def _with_items(self, fn):
+        """``fn()`` once the item log is applied; an unknown item id syncs at once, then ``fn()`` again."""
+        await self.item_sync.sync()
+        try:
+            return fn()
+        except UnknownItems:
+            await self.item_sync.sync(force=True)
+            return fn()
+
+    async def add_items(self, items: list[dict]) -> dict:
+        """Add catalogue items from their text here and record them for every replica (or a refusal)."""
+        try:
+            return await self.item_sync.add(items)
+        except RecsysError as exc:
+            return refusal(exc)
 
     def _batch_handlers(self) -> list:
         return []
@@ -125,8 +147,9 @@ class _ModelReplica:
         self.batch_config = cfg
         log.info("%s: %s", self.kind, cfg)
 
-    def ready(self) -> dict:
+    async def ready(self) -> dict:
         """Answered only once the constructor finished: the checkpoint is loaded."""
+        await self.item_sync.sync()
         model = self.predictor.retriever if self.kind == "retriever" else self.predictor.ranker
         return {"kind": self.kind, "checkpoint": self.checkpoint, "resolved": self.predictor.origins[self.kind],
                 "loaded_from": str(model.source),
@@ -140,8 +163,8 @@ class _ModelReplica:
 
     async def _score(self, user: dict, item_ids: list[str] | None, texts: list[str] | None) -> dict:
         try:
-            ctx = self.predictor.user_inputs(user)
-            cands = self.predictor.candidates(item_ids, texts)
+            ctx, cands = await self._with_items(
+                lambda: (self.predictor.user_inputs(user), self.predictor.candidates(item_ids, texts)))
         except RecsysError as exc:
             return refusal(exc)
         scores, batch = await self._score_batch((ctx, cands))
@@ -178,8 +201,9 @@ class Ranker(_ModelReplica):
 
     def __init__(self, checkpoint: str, items: str | None = None, device: str = "auto",
                  forward_batch_size: int = 128, max_context_tokens: int | None = None,
-                 torch_threads: int | None = None, s3_endpoint: str | None = None):
-        self._load(checkpoint, items, device, forward_batch_size, max_context_tokens, 0.0, torch_threads, s3_endpoint)
+                 torch_threads: int | None = None, s3_endpoint: str | None = None, precision: str = "fp32"):
+        self._load(checkpoint, items, device, forward_batch_size, max_context_tokens, 0.0, torch_threads, s3_endpoint,
+                   precision)
 
     def _batch_handlers(self) -> list:
         return [self._score_batch]
@@ -191,7 +215,9 @@ class Ranker(_ModelReplica):
     async def score_rows(self, user: dict, rows: list[int]) -> dict:
         """Ranker scores of catalogue rows (the retriever's shortlist) for one user."""
         try:
-            ctx = self.predictor.user_inputs(user)
+            ctx = await self._with_items(lambda: self.predictor.user_inputs(user))
+            if rows and max(rows) >= len(self.predictor.items):  # items the retriever has and this replica not yet
+                await self.item_sync.sync(force=True)
         except RecsysError as exc:
             return refusal(exc)
         scores, batch = await self._score_batch((ctx, self.predictor.candidate_ids(rows)))
@@ -206,9 +232,10 @@ class Retriever(_ModelReplica):
 
     def __init__(self, checkpoint: str, items: str | None = None, device: str = "auto",
                  forward_batch_size: int = 128, max_context_tokens: int | None = None,
-                 popularity_weight: float = 0.0, torch_threads: int | None = None, s3_endpoint: str | None = None):
+                 popularity_weight: float = 0.0, torch_threads: int | None = None, s3_endpoint: str | None = None,
+                 precision: str = "fp32"):
         self._load(checkpoint, items, device, forward_batch_size, max_context_tokens, popularity_weight,
-                   torch_threads, s3_endpoint)
+                   torch_threads, s3_endpoint, precision)
         self.predictor.item_vectors()  # (I, H), before the first request: readiness means loaded
 
     def _batch_handlers(self) -> list:
@@ -221,8 +248,9 @@ class Retriever(_ModelReplica):
     async def retrieve(self, user: dict, n: int, exclude_history: bool = True) -> dict:
         """Top ``n`` catalogue rows for one user: ``{"rows", "item_ids", "texts", "scores", "batch_size"}``."""
         try:
-            ctx = self.predictor.user_inputs(user)
-            exclude = self.predictor.items.rows(user.get("history") or []) if exclude_history else []
+            ctx, exclude = await self._with_items(lambda: (
+                self.predictor.user_inputs(user),
+                self.predictor.items.rows(user.get("history") or []) if exclude_history else []))
         except RecsysError as exc:
             return refusal(exc)
         (rows, scores), batch = await self._retrieve_batch((ctx, int(n), exclude))
@@ -283,6 +311,10 @@ class ServeBackend:
         items = [RecommendedItem(item_id=got["item_ids"][j], text=got["texts"][j], score=float(scores[j]))
                  for j in rerank_order(scores, req.k)]
         return RecommendResponse(model="retriever+ranker", items=items), ranked["batch_size"]
+
+    async def add_items(self, req: AddItemsRequest) -> AddItemsResponse:
+        out = await self._call(self.retriever.add_items, [it.model_dump() for it in req.items])
+        return AddItemsResponse(added=out["added"], items=out["items"])
 
     async def ready(self) -> tuple[bool, dict]:
         handles = {"retriever": self.retriever, **({"ranker": self.ranker} if self.ranker is not None else {})}
@@ -425,7 +457,7 @@ def app_from_args(args: AppArgs, options: dict[str, dict] | None = None) -> Appl
 
     common = {"device": args.device, "forward_batch_size": args.forward_batch_size,
               "max_context_tokens": args.max_context_tokens, "torch_threads": args.torch_threads,
-              "s3_endpoint": args.s3_endpoint}
+              "s3_endpoint": args.s3_endpoint, "precision": args.precision}
     retriever = opts(Retriever).bind(args.checkpoint, items=args.items,
                                      popularity_weight=args.popularity_weight, **common)
     ranker = None

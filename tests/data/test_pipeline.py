@@ -136,6 +136,25 @@ def test_cutoff_keeps_the_log_as_it_stood_and_counts_the_rest(ray_session, small
         _cfg(small_log, cutoff="yesterday")
 
 
+def test_cold_items_are_held_out_of_training_and_validation_but_kept_as_test_targets(ray_session, small_log):
+    """cold_items=0.2 of the 5 items with events = 1, the one first seen latest: i3 (t=30). u1's
+    i3 leaves its history (train and validation move up); counts still reconcile."""
+    m = prepare(_cfg(small_log, cold_items=0.2))
+    c, cold = m["counts"], m["cold_items"]
+    assert cold["ids"] == ["i3"] and cold["count"] == 1 and cold["items_with_events"] == 5
+    assert c["cold_item_events_held_out"] == 1 == cold["events_held_out"]
+    split = c["events_by_split"]
+    assert c["events_accepted"] == split["train"] + split["valid"] + split["test"] + 1
+    seqs = {r["user_id"]: r for r in pads.dataset(str(small_log / "out" / "sequences")).to_table().to_pylist()}
+    assert seqs["u1"]["item_ids"] == ["i1", "i2", "i4"] and seqs["u1"]["n_train"] == 1
+    rows = pads.dataset(str(small_log / "out" / "examples"), partitioning="hive").to_table().to_pylist()
+    for r in rows:
+        assert "i3" not in r["seen_item_ids"] and "Gamma" not in r["context_text"], r
+        assert r["target_item_id"] != "i3" or r["split"] == "test", r
+    with pytest.raises(ConfigError, match="cold_items"):
+        _cfg(small_log, cold_items=1.0)
+
+
 def test_rerun_into_the_same_output_replaces_it(ray_session, small_log):
     first = prepare(_cfg(small_log))
     second = prepare(_cfg(small_log))

@@ -168,6 +168,36 @@ def test_predictor_contexts_recommendations_and_refusals(syn_data, tokenizer, tm
         Predictor(PredictorConfig(retriever=ck, items=str(other)))
 
 
+def test_items_added_to_a_predictor_get_text_initialised_tokens_and_are_recommendable(syn_data, tokenizer, tmp_path):
+    """Predictor.add_items (what POST /v1/items runs in every replica): the new rows' item tokens
+    are the mean of their word pieces, as at first training; their vectors are appended; known
+    rows keep theirs; a history or candidate may name them at once; clashes change nothing."""
+    ck = _save(syn_data, tokenizer, tmp_path / "seq")
+    p = Predictor(PredictorConfig(retriever=ck, popularity_weight=0.5))
+    n, before = len(p.items), p.item_vectors().clone()
+    texts = ["vintage jazz collection for every day", "modern chess kit with extra care"]
+    assert p.add_items(["new-a", "new-b"], texts) == n + 2
+    assert p.items.ids[n:] == ["new-a", "new-b"] and p.items.counts[n:].tolist() == [0, 0]
+    want = p.retriever.initial_item_vectors(p.text_ids(texts))
+    assert torch.allclose(p.retriever.item_emb.weight[n:], want)
+    vecs = p.item_vectors()
+    assert vecs.shape[0] == n + 2 and torch.equal(vecs[:n], before)
+    assert torch.allclose(vecs[n:], p.retriever.item_vectors()[n:])
+    # the new items are scored, can be in a history, and rank (the prior counts them as never seen)
+    ctx = p.context_ids([p.items.ids[0], "new-a"])
+    scores = p.retrieval_scores([ctx])
+    assert scores.shape == (1, n + 2)
+    assert np.allclose(p.score(ctx, p.candidates(["new-b"], None)), p.retrieval_scores([ctx], with_prior=False)[0, n + 1:],
+                       atol=1e-5)
+    ((rows, _),) = p.retrieve([ctx], n + 2, [p.items.rows([p.items.ids[0], "new-a"])])
+    assert n + 1 in rows.tolist() and n not in rows.tolist()
+    for ids, why in ((["new-a"], "already in the catalogue"), (["x", "x"], "given twice"),
+                     ([p.items.ids[3]], "already in the catalogue")):
+        with pytest.raises(RecsysError, match=why):
+            p.add_items(ids, ["t"] * len(ids))
+    assert len(p.items) == n + 2 and p.item_vectors().shape[0] == n + 2
+
+
 def test_two_worker_run_learns_and_evaluation_reproduces_its_validation_scores(ray_session, syn_data, tokenizer, tmp_path):
     from recsys_ray.evaluate.evaluate import EvalSettings, metrics_of, rank_split
 

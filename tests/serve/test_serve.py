@@ -145,6 +145,39 @@ def test_recommend_is_the_offline_two_stage_ranking_without_history_items(app, o
     assert r.status_code == 200 and len(r.json()["items"]) == 20
 
 
+def test_items_added_to_the_running_app_are_scored_and_recommended_at_once(app, checkpoints, catalogue_ids):
+    """POST /v1/items: the new items are scored (history and candidates) by the next request,
+    exactly as an offline Predictor with the same items added; an id already there -> 422."""
+    from recsys_ray.predict import Predictor, PredictorConfig
+
+    new = [{"item_id": "added-1", "text": "a vintage jazz collection for every day"},
+           {"item_id": "added-2", "text": "a modern chess kit made to last"}]
+    r = post(f"{app}/v1/items", {"items": new})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"added": 2, "items": len(catalogue_ids) + 2}
+    offline = Predictor(PredictorConfig(retriever=checkpoints["retriever"], ranker=checkpoints["ranker"],
+                                        rerank_top=RERANK_TOP))
+    offline.add_items([it["item_id"] for it in new], [it["text"] for it in new])
+
+    history = [catalogue_ids[1], "added-1"]
+    r = post(f"{app}/v1/score", {"user": {"history": history}, "item_ids": ["added-2", catalogue_ids[7]]})
+    assert r.status_code == 200, r.text
+    want = offline.score(offline.context_ids(history, kind="ranker"), offline.candidates(["added-2", catalogue_ids[7]], None))
+    assert np.allclose(r.json()["scores"], want, atol=1e-5)
+    r = post(f"{app}/v1/recommend", {"user": {"history": history}, "k": 10})
+    assert r.status_code == 200, r.text
+    ((rows, _),) = offline.recommend([offline.context_ids(history)], 10, [offline.items.rows(history)],
+                                     [offline.context_ids(history, kind="ranker")])
+    assert [it["item_id"] for it in r.json()["items"]] == [offline.items.ids[i] for i in rows]
+
+    r = post(f"{app}/v1/items", {"items": [new[0], {"item_id": "added-3", "text": "x"}]})
+    assert r.status_code == 422 and "'added-1'" in r.json()["detail"]["message"], r.text
+    r = post(f"{app}/v1/score", {"user": {}, "item_ids": ["added-3"]})  # the refused request added nothing
+    assert r.status_code == 422 and r.json()["detail"]["unknown_item_ids"] == ["added-3"]
+    for body in ({"items": []}, {"items": [{"item_id": " padded ", "text": "t"}]}, {"items": [{"item_id": "a", "text": ""}]}):
+        assert post(f"{app}/v1/items", body).status_code == 422, body
+
+
 def test_health_readiness_and_openapi(app):
     assert requests.get(f"{app}/healthz", timeout=10).json() == {"status": "ok"}
     r = requests.get(f"{app}/readyz", timeout=10)
@@ -152,7 +185,7 @@ def test_health_readiness_and_openapi(app):
     assert set(r.json()["models"]) == {"retriever", "ranker"}
     assert r.json()["models"]["ranker"]["max_batch_size"] == 8  # the user_config in force
     paths = requests.get(f"{app}/openapi.json", timeout=10).json()["paths"]
-    assert {"/v1/score", "/v1/recommend", "/healthz", "/readyz"} <= set(paths)
+    assert {"/v1/score", "/v1/recommend", "/v1/items", "/healthz", "/readyz"} <= set(paths)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -214,7 +247,8 @@ def test_fuzzed_requests_to_every_route_never_get_a_5xx(app):
 
     check()
     routes = {(method, path) for method, path, _ in seen}
-    assert {("POST", "/v1/score"), ("POST", "/v1/recommend"), ("GET", "/healthz"), ("GET", "/readyz")} <= routes, seen
+    assert {("POST", "/v1/score"), ("POST", "/v1/recommend"), ("POST", "/v1/items"), ("GET", "/healthz"),
+            ("GET", "/readyz")} <= routes, seen
     assert any(status == 422 for *_, status in seen) and any(status == 200 for *_, status in seen), seen
 
 

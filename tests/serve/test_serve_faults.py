@@ -111,6 +111,29 @@ def test_killing_a_model_replica_then_an_ingress_replica_under_steady_load(url, 
     assert requests.post(url, json=bodies[0], timeout=30).status_code == 200
 
 
+def test_items_added_through_one_replica_are_known_to_every_replica(url, bodies, catalogue_ids):
+    """Two ingress and two Retriever replicas: after POST /v1/items every request naming the new
+    items succeeds, whichever replicas it lands on, and within a second every Retriever replica
+    can recommend them (an empty history: the prior-free scores of all items)."""
+    base = url.rsplit("/v1/", 1)[0]
+    new = [{"item_id": f"fresh-{j}", "text": f"a {w} guide for every day"} for j, w in enumerate(("jazz", "chess"))]
+    r = requests.post(f"{base}/v1/items", json={"items": new}, timeout=30)
+    assert r.status_code == 200 and r.json()["added"] == 2, r.text
+    body = {"user": {"history": ["fresh-0", catalogue_ids[2]]}, "item_ids": ["fresh-1", catalogue_ids[3]]}
+    codes = [requests.post(f"{base}/v1/score", json=body, timeout=30).status_code for _ in range(16)]
+    assert codes == [200] * 16, codes
+    from ray import serve
+
+    time.sleep(1.1)  # the sync period: a replica looks at the item log again before it answers
+    handle = serve.get_deployment_handle("Retriever", app_name=APP)
+    sizes = {}
+    for _ in range(24):
+        info = handle.ready.remote().result(timeout_s=30)
+        sizes[info["replica"]] = info["items"]
+    assert len(sizes) == 2 and set(sizes.values()) == {len(catalogue_ids) + 2}, sizes
+    report("items_added", replicas=2, requests_after_add=16, ok=codes.count(200), items_by_replica=sizes)
+
+
 def test_overload_is_refused_fast_with_retry_after_and_the_service_recovers(url, bodies, checkpoints):
     """Admission sized from the measured cost (serve.app.admission_limits): capacity C of one
     ingress + one Retriever replica from a closed loop, at most budget x C requests admitted;

@@ -138,7 +138,8 @@ def test_the_promotion_gate_promotes_only_a_winner_and_points_the_serving_config
         assert json.loads((tmp_path / f"{name}.json").read_text()) == d
         return d, config.read_text()
 
-    a, a_text = gate(refresh, first, "a")
+    a, a_text = gate(refresh, None, "a")  # current = the serving config's checkpoint
+    assert a["current"]["checkpoint"] == first
     b, b_text = gate(first, refresh, "b")
     assert a["candidate"]["ndcg@10"] == b["current"]["ndcg@10"] and a["current"]["ndcg@10"] == b["candidate"]["ndcg@10"]
     assert a["candidate"]["ndcg@10"] != a["current"]["ndcg@10"], a
@@ -172,3 +173,5 @@ def test_the_promotion_gate_refuses_bad_input_before_scoring(windows, runs, tmp_
                  "give --app, one of ['a', 'b']"):
         assert part in msg, msg
     assert not (tmp_path / "d.json").exists()
+    with pytest.raises(ConfigError, match="give --current, or --serve-config"):
+        promote(PromoteSettings(candidate=ok, current=None, data=windows["after"], decision=str(tmp_path / "d.json")))

@@ -1,0 +1,88 @@
+"""Benchmark: the model in fp32 vs int8 (dynamic quantization), measured in one run, one torch thread
+(a CPU replica's share), on the test users of a prepared data directory.
+
+    python -m recsys_ray.bench.precision --retriever artifacts/models/retriever --data artifacts/ml-100k
+    python -m recsys_ray.bench.precision --ranker artifacts/models/ranker --data artifacts/ml-100k
+
+Retriever: users/s of ``Predictor.retrieve`` (encode the user, score the whole catalogue, top 10)
+one user per call and ``batch`` per call; ranker: pairs/s of ``score_pairs``. Prints one JSON line
+with each precision's figure, the int8 / fp32 ratio and how far int8's scores are from fp32's.
+Quality under int8 is ``jobs/evaluate.py --precision int8`` (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from recsys_ray.data.layout import read_split_rows
+from recsys_ray.predict import Predictor, PredictorConfig
+
+
+def _best(fn, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _measure(p: Predictor, batch_rows: dict, batch: int, candidates: int, scores: dict, precision: str) -> dict:
+    res: dict = {}
+    if p.retriever is not None:
+        ctx = p.example_contexts(batch_rows, "retriever")
+        p.retrieve(ctx[:batch], 10)  # warm-up
+        res["users_per_s_one_per_call"] = round(len(ctx) / _best(lambda: [p.retrieve([c], 10) for c in ctx]), 2)
+        res["users_per_s_batched"] = round(len(ctx) / _best(
+            lambda: [p.retrieve(ctx[i:i + batch], 10) for i in range(0, len(ctx), batch)]), 2)
+        scores[(precision, "retriever")] = p.retrieval_scores(ctx, with_prior=False)
+    if p.ranker is not None:
+        ctx = p.example_contexts(batch_rows, "ranker")
+        pairs_ctx = [c for c in ctx for _ in range(candidates)]
+        pairs = [cand for j in range(len(ctx)) for cand in p.candidate_ids(list(range(j, j + candidates)))]
+        p.score_pairs(pairs_ctx[:64], pairs[:64])  # warm-up
+        res["pairs_per_s"] = round(len(pairs) / _best(lambda: p.score_pairs(pairs_ctx, pairs), repeats=2), 2)
+        scores[(precision, "ranker")] = p.score_pairs(pairs_ctx, pairs)
+    return res
+
+
+def compare(retriever: str | None, ranker: str | None, data: str, users: int = 64, batch: int = 16,
+            candidates: int = 20) -> dict:
+    torch.set_num_threads(1)
+    rows = read_split_rows(data, "test")[:users]
+    batch_rows = {k: [r[k] for r in rows] for k in ("context_ids", "seen_item_ids", "profile_ids")}
+    out: dict = {"users": len(rows), "torch_threads": 1}
+    scores: dict = {}
+    for precision in ("fp32", "int8"):
+        p = Predictor(PredictorConfig(retriever=retriever, ranker=ranker, items=data, precision=precision))
+        out[precision] = _measure(p, batch_rows, batch, candidates, scores, precision)
+    out["int8_over_fp32"] = {k: round(out["int8"][k] / out["fp32"][k], 3) for k in out["fp32"]}
+    for role in ("retriever", "ranker"):
+        if ("fp32", role) in scores:
+            a, b = np.asarray(scores[("fp32", role)]), np.asarray(scores[("int8", role)])
+            out[f"{role}_score_diff"] = {"max_abs_over_range": round(float(np.abs(a - b).max() / (a.max() - a.min())), 4),
+                                         "correlation": round(float(np.corrcoef(a.ravel(), b.ravel())[0, 1]), 5)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--retriever")
+    parser.add_argument("--ranker")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--users", type=int, default=64)
+    args = parser.parse_args(argv)
+    if not args.retriever and not args.ranker:
+        parser.error("give --retriever and/or --ranker")
+    out = compare(args.retriever, args.ranker, args.data, args.users)
+    print(json.dumps(out), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Compressed encoders for serving and evaluation (``precision`` of the Predictor).
+
+``int8``: dynamic quantization of every ``nn.Linear`` of the BERT encoder (attention and
+feed-forward layers; the kind's small head stays fp32: a one-output ranker head in int8 loses
+the ranking) with PyTorch's own ``torch.ao.quantization.quantize_dynamic``:
+weights stored as int8, activations quantized per batch, CPU only (x86 / ARM kernels). Embedding
+tables (word pieces, positions, item tokens) stay fp32, so item vectors of the item-token
+retriever are exact and only the user encoder is approximated. Scores stay close to fp32
+(tests/model/test_compress.py bounds the difference; docs/benchmarks.md has the speed and the
+NDCG@10 of both on MovieLens-100K).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from recsys_ray.errors import RecsysError
+
+PRECISIONS = ("fp32", "int8")
+
+
+def compress(model: nn.Module, precision: str, device: torch.device) -> nn.Module:
+    """``model`` in ``precision`` (in place; returns it). fp32 changes nothing."""
+    if precision not in PRECISIONS:
+        raise RecsysError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return model
+    if device.type != "cpu":
+        raise RecsysError(f"precision int8 runs on CPU only (device is {device}); use fp32 on GPUs")
+    if getattr(model, "lora_rank", None) is not None:
+        raise RecsysError("precision int8 needs plain weights: this checkpoint carries unmerged LoRA adapters")
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():  # torch marks its quantized tensor constructors deprecated (still the API in 2.13)
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        quantize_dynamic(model.encoder, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    model.precision = precision
+    return model
