@@ -44,9 +44,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="score the test split with SASRec's best validation epoch instead of refitting it on "
                              "everything before the test event for that many epochs (as EASE and Markov are refitted)")
     parser.add_argument("--no-sequential", action="store_true", help="no Markov / SASRec rows")
-    parser.add_argument("--targets", default="all", choices=["all", "cold", "warm"],
+    parser.add_argument("--targets", default="all", choices=["all", "cold", "warm", "cold_users"],
                         help="test events on the data's held-out cold items only, on the others, or all "
-                             "(data prepared with --set cold_items=F)")
+                             "(data prepared with --set cold_items=F); cold_users: the held-out users' rows "
+                             "(--set cold_users=F), one row per number of known events")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
                         help="score with the models in this precision (int8: dynamic quantization, CPU)")
     parser.add_argument("--s3-endpoint", help="S3-compatible store (default: AWS_ENDPOINT_URL(_S3), else AWS)")

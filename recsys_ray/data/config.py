@@ -52,7 +52,7 @@ class DataConfig:
     RANGES: ClassVar[dict[str, str]] = {
         "min_user_events": ">= 3",  # train, validation and test need one event each
         "min_history": ">= 0", "max_history": ">= 1", "max_context_tokens": ">= 1", "max_item_tokens": ">= 1",
-        "negatives": ">= 0", "popularity_alpha": ">= 0", "num_actors": ">= 0", "cold_items": "[0, 1)",
+        "negatives": ">= 0", "popularity_alpha": ">= 0", "num_actors": ">= 0", "cold_items": "[0, 1)", "cold_users": "[0, 1)",
     }
 
     dataset: str = "movielens-100k"  # movielens-100k | synthetic | path, folder, glob or s3:// URI of logs
@@ -77,6 +77,10 @@ class DataConfig:
     # is held out of training and validation entirely (their events leave train and validation
     # histories too); a user's test event on one is kept: the cold-item test rows (docs/quality.md)
     cold_items: float = 0.0
+    cold_items_by: Literal["latest", "random"] = "latest"  # first seen latest, or a seeded random share
+    # cold-start users: this share of the users with a split (seeded) is held out of training and
+    # validation; each gets "cold_users" rows instead: profile + their first k events -> event k, k = 0, 1, 2
+    cold_users: float = 0.0
     min_user_events: int = 3  # users with fewer events stay in train only
     min_history: int = 1  # a train target needs at least this many earlier events
     max_history: int = 20  # most recent history items rendered into the user context

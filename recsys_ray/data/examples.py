@@ -132,6 +132,22 @@ def hold_out_items(sequences: pa.Table, cold: list[str]) -> pa.Table:
     return out.append_column("held_out", pa.array(held, pa.int64()))
 
 
+COLD_USER_EVENTS = 3  # a cold user's rows: its first 0, 1, 2 events known, the next one the target
+
+
+def is_cold_user(user_id: str, fraction: float, seed: int) -> bool:
+    """The seeded, partition-independent draw of DataConfig.cold_users."""
+    return zlib.crc32(f"{seed}:cold:{user_id}".encode()) < fraction * 2**32
+
+
+def mark_cold_users(sequences: pa.Table, fraction: float, seed: int) -> pa.Table:
+    """Adds ``cold_user``: users with a split drawn into the held-out share."""
+    n = pc.list_value_length(sequences["item_ids"])
+    split = np.asarray(pc.equal(sequences["n_train"], pc.subtract(n, 2)))
+    cold = [bool(s) and is_cold_user(u, fraction, seed) for u, s in zip(sequences["user_id"].to_pylist(), split, strict=True)]
+    return sequences.append_column("cold_user", pa.array(cold, pa.bool_()))
+
+
 def train_item_counts(sequences: pa.Table) -> pa.Table:
     """(item_id, count) of train events in a block of sequences (for popularity)."""
     if sequences.num_rows == 0:
@@ -263,16 +279,21 @@ class ExampleBuilder:
             profiles, profile_ids = [""] * len(users), [[] for _ in users]
         contexts_to_tokenize: list[int] = []
 
+        cold = batch["cold_user"].to_pylist() if "cold_user" in batch.column_names else [False] * len(users)
         for u, (user, items, n_train) in enumerate(zip(users, item_lists, n_trains, strict=True)):
             idx = np.array([self.index[i] for i in items], dtype=np.int64)
             ptext, pids = profiles[u], profile_ids[u]
             if not self._checked:
                 self._check_concat(ptext, pids)
-            targets = [p for p in range(s.min_history, n_train)]
-            splits = ["train"] * len(targets)
-            if n_train == len(items) - 2:
-                targets += [len(items) - 2, len(items) - 1]
-                splits += ["valid", "test"]
+            if cold[u]:  # held out: only its first events, as a new user would arrive
+                targets = list(range(min(COLD_USER_EVENTS, len(items))))
+                splits = ["cold_users"] * len(targets)
+            else:
+                targets = [p for p in range(s.min_history, n_train)]
+                splits = ["train"] * len(targets)
+                if n_train == len(items) - 2:
+                    targets += [len(items) - 2, len(items) - 1]
+                    splits += ["valid", "test"]
             if not targets:
                 continue
             rng = user_rng(s.seed, user)

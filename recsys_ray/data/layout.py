@@ -35,13 +35,14 @@ REJECTS = "rejects"
 USER_REJECTS = "user_rejects"
 SOURCE = "source"
 SPLITS = ("train", "valid", "test")
+COLD_USERS = "cold_users"  # DataConfig.cold_users: rows of held-out users (profile + first k events -> event k)
 PARTS = (ITEMS, SEQUENCES, EXAMPLES, REJECTS, USER_REJECTS, SOURCE, MANIFEST)  # what a preparation (re)writes
 
 
 def split_part(split: str) -> str:
     """The folder of one split, relative to the data root: ``examples/split=valid``."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split not in (*SPLITS, COLD_USERS):
+        raise ValueError(f"split must be one of {(*SPLITS, COLD_USERS)}, got {split!r}")
     return f"{EXAMPLES}/split={split}"
 
 

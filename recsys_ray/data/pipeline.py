@@ -39,12 +39,14 @@ from recsys_ray.data import layout
 from recsys_ray.data import text as T
 from recsys_ray.data.config import ColumnMap, DataConfig, cutoff_us
 from recsys_ray.data.examples import (
+    COLD_USER_EVENTS,
     SEQUENCE_SCHEMA,
     ExampleBuilder,
     ExampleSettings,
     build_sequences,
     hold_out_items,
     item_first_seen,
+    mark_cold_users,
     train_item_counts,
 )
 from recsys_ray.data.files import FileRef, iter_record_batches, list_files
@@ -425,25 +427,38 @@ def _split_users(inp: Inputs, validated):
     # every accepted event is in a sequence (counted before any cold items are held out)
     events_in_sequences = _sum_rows(
         sequences.map_batches(_sequence_stats, batch_format="pyarrow", batch_size=None), ["events"])["events"]
-    cold = _cold_items(inp.cfg.cold_items, sequences, inp.catalogue.num_rows) if inp.cfg.cold_items else None
+    cold = (_cold_items(inp.cfg.cold_items, inp.cfg.cold_items_by, inp.cfg.seed, sequences, inp.catalogue.num_rows)
+            if inp.cfg.cold_items else None)
     if cold is not None:
         sequences = sequences.map_batches(hold_out_items, fn_kwargs={"cold": cold["ids"]}, batch_size=None,
                                           batch_format="pyarrow").materialize()
         cold["events_held_out"] = _sum_rows(sequences.select_columns(["held_out"]), ["held_out"])["held_out"]
+    cold_users = None
+    warm = sequences
+    if inp.cfg.cold_users:
+        sequences = sequences.map_batches(mark_cold_users, fn_kwargs={"fraction": inp.cfg.cold_users,
+                                                                      "seed": inp.cfg.seed},
+                                          batch_size=None, batch_format="pyarrow").materialize()
+        warm = sequences.filter(expr="cold_user == False").materialize()
+        held = _sum_rows(sequences.filter(expr="cold_user == True").map_batches(
+            _sequence_stats, batch_format="pyarrow", batch_size=None), ["users", "events"])
+        cold_users = {"fraction": inp.cfg.cold_users, "seed": inp.cfg.seed, "users": held["users"],
+                      "events": held["events"], "events_known": list(range(COLD_USER_EVENTS))}
     # with profiles, sequences keep profile_text: history="items" models train from sequences
     seq_columns = SEQUENCE_SCHEMA.names + (["profile_text"] if with_profiles else [])
     path, fs = layout.dataset_target(inp.out, layout.SEQUENCES)
-    sequences.select_columns(seq_columns).write_parquet(path, filesystem=fs)
+    warm.select_columns(seq_columns).write_parquet(path, filesystem=fs)  # what training reads: no cold user
     stats = _sum_rows(
-        sequences.map_batches(_sequence_stats, batch_format="pyarrow", batch_size=None),
+        warm.map_batches(_sequence_stats, batch_format="pyarrow", batch_size=None),
         ["users", "events", "train_events", "split_users", "profiles"],
     )
     stats["events_in_sequences"] = events_in_sequences
     stats["cold_items"] = cold
+    stats["cold_users"] = cold_users
     popularity = None
     if inp.cfg.negative_sampling == "popularity":
         popularity = _counts_by_key(
-            sequences.map_batches(train_item_counts, batch_format="pyarrow", batch_size=None), "item_id"
+            warm.map_batches(train_item_counts, batch_format="pyarrow", batch_size=None), "item_id"
         )
     if with_profiles:
         profile_counts["profiles_without_events"] = profile_counts.pop("users") - stats["profiles"]
@@ -451,19 +466,22 @@ def _split_users(inp: Inputs, validated):
     return sequences, stats, popularity
 
 
-def _cold_items(fraction: float, sequences, num_items: int) -> dict:
-    """The ``fraction`` of items with events first seen latest (ties: by id), by their first event."""
+def _cold_items(fraction: float, by: str, seed: int, sequences, num_items: int) -> dict:
+    """The ``fraction`` of items with events first seen latest (ties: by id), or a seeded random one."""
     first: dict[str, int] = {}
     for ref in sequences.map_batches(item_first_seen, batch_format="pyarrow", batch_size=None).to_arrow_refs():
         t = ray.get(ref)
         for k, v in zip(t["item_id"].to_pylist(), t["first"].to_pylist(), strict=True):
             first[k] = min(v, first.get(k, v))
     n = max(1, round(fraction * len(first)))
-    ids = sorted(first, key=lambda k: (-first[k], k))[:n]
+    if by == "latest":
+        ids = sorted(first, key=lambda k: (-first[k], k))[:n]
+    else:
+        ids = list(np.random.default_rng([seed, 7]).choice(sorted(first), size=n, replace=False))
     since = min(first[k] for k in ids)
-    return {"fraction": fraction, "by": "first event, latest first", "items_with_events": len(first),
-            "catalogue_items": num_items, "count": n,
-            "first_seen_since": pd.Timestamp(since, unit="us", tz="UTC").isoformat(), "ids": sorted(ids)}
+    return {"fraction": fraction, "by": "first event, latest first" if by == "latest" else f"random (seed {seed})",
+            "items_with_events": len(first), "catalogue_items": num_items, "count": n,
+            "first_seen_since": pd.Timestamp(since, unit="us", tz="UTC").isoformat(), "ids": sorted(map(str, ids))}
 
 
 def _read_profiles(inp: Inputs):
@@ -518,7 +536,8 @@ def _write_examples(inp: Inputs, sequences, items: pa.Table, popularity: dict | 
 
 def _manifest(inp: Inputs, items: pa.Table, counts: dict, stats: dict, timings: dict, cpus: int, actors: int) -> dict:
     cfg, out = inp.cfg, inp.out
-    example_counts = {s: layout.count_rows(out, layout.split_part(s)) for s in layout.SPLITS}
+    example_counts = {s: layout.count_rows(out, layout.split_part(s))
+                      for s in (*layout.SPLITS, *([layout.COLD_USERS] if cfg.cold_users else []))}
     users, split_users = stats["users"], stats["split_users"]
     return {
         "dataset": cfg.dataset,
@@ -538,9 +557,11 @@ def _manifest(inp: Inputs, items: pa.Table, counts: dict, stats: dict, timings: 
             "user_rows": stats["profile_rows"],
             "events_by_split": {"train": stats["train_events"], "valid": split_users, "test": split_users},
             "examples_by_split": example_counts,
-            # events_accepted = train + valid + test events + these (DataConfig.cold_items)
+            # events_accepted = train + valid + test events + these two (DataConfig.cold_items, cold_users)
             "cold_item_events_held_out": (stats["cold_items"] or {}).get("events_held_out", 0),
+            "cold_user_events": (stats["cold_users"] or {}).get("events", 0),
         },
+        "cold_users": stats["cold_users"],
         # the held-out items (ids, how chosen): evaluate --targets cold|warm reads them
         "cold_items": stats["cold_items"],
         "tokenizer": inp.tok,

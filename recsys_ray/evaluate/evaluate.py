@@ -33,6 +33,7 @@ import ray
 
 from recsys_ray import checkpoint, storage
 from recsys_ray.data import layout
+from recsys_ray.data.catalogue import Catalogue
 from recsys_ray.errors import ConfigError, RecsysError
 from recsys_ray.evaluate.baselines import baseline_ranks
 from recsys_ray.evaluate.metrics import (
@@ -73,11 +74,13 @@ class EvalSettings:
     s3_endpoint: str | None = None  # S3-compatible store; default AWS_ENDPOINT_URL(_S3) or AWS
     adopt_items: bool = False  # models trained on another catalogue take this data's (PredictorConfig.adopt_items)
     precision: str = "fp32"  # fp32 | int8 (recsys_ray.model.compress)
-    targets: str = "all"  # all | cold | warm: test events on the data's held-out cold items, or on the others
+    # all | cold | warm: test events on the data's held-out cold items, or on the others;
+    # cold_users: the held-out users' rows instead of the test split (profile + first k events)
+    targets: str = "all"
 
     def target_items(self) -> set[str] | None:
         """The item ids test targets must be among (None: all), from the manifest's cold items."""
-        if self.targets == "all":
+        if self.targets in ("all", "cold_users"):
             return None
         cold = layout.read_manifest(self.data).get("cold_items")
         if not cold:
@@ -103,8 +106,11 @@ class EvalSettings:
             out.extend(self.sequential.problems())
         if self.rerank_top < 1:
             out.append("rerank_top must be >= 1")
-        if self.targets not in ("all", "cold", "warm"):
-            out.append(f"--targets {self.targets!r}: all, cold or warm")
+        if self.targets not in ("all", "cold", "warm", "cold_users"):
+            out.append(f"--targets {self.targets!r}: all, cold, warm or cold_users")
+        elif self.targets == "cold_users" and layout.is_prepared(self.data) and not layout.has_part(
+                self.data, layout.split_part(layout.COLD_USERS)):
+            out.append(f"--targets cold_users: {self.data} has no cold users (prepare it with --set cold_users=0.1)")
         if not self.betas or any(b < 0 for b in self.betas):
             out.append("betas must be a non-empty list of values >= 0")
         return out
@@ -144,7 +150,7 @@ class RankUDF:
         mask = np.zeros((n, len(items)), dtype=bool)
         for j, s in enumerate(seen):
             mask[j, s] = True
-        out: dict[str, np.ndarray] = {"user_id": np.asarray(batch["user_id"])}
+        out: dict[str, np.ndarray] = {"user_id": np.asarray(batch["user_id"]), "position": np.asarray(batch["position"])}
         if p.retriever is not None:
             raw = p.retrieval_scores(contexts, with_prior=False)  # (n, I)
             for j, b in enumerate(self.betas):
@@ -198,7 +204,7 @@ def rank_split(settings: EvalSettings, split: str, retriever: str | None, ranker
     cpus = max(1, int(cluster_cpus()))
     actors = settings.actors or min(2, cpus)
     part = layout.split_part(split)
-    columns = ["user_id", "target_item_id", "context_ids", "seen_item_ids"]
+    columns = ["user_id", "target_item_id", "context_ids", "seen_item_ids", "position"]
     if "profile_ids" in layout.columns(settings.data, part):
         columns.append("profile_ids")  # item-token retrievers read the profile's ids
     ds = layout.read_dataset(settings.data, part).select_columns(columns)
@@ -232,7 +238,7 @@ def rank_split(settings: EvalSettings, split: str, retriever: str | None, ranker
         num_cpus=min(1.0, cpus / actors) * 0.9,  # leave a sliver for the reader and the driver
     )
     rows = ranked.to_pandas()
-    rows = rows.sort_values("user_id", kind="stable").reset_index(drop=True)
+    rows = rows.sort_values(["user_id", "position"], kind="stable").reset_index(drop=True)
     return {**{c: rows[c].to_numpy() for c in rows.columns}, "repeats_left_out": repeats}
 
 
@@ -287,6 +293,8 @@ def evaluate(settings: EvalSettings) -> dict:
         models[name] = {**aggregate(per_seed), "protocol": protocol, "per_seed": per_seed, **(extra or {})}
 
     num_users = repeats_left_out = None
+    if settings.targets == "cold_users":
+        return _cold_user_rows(settings, manifest, t0)
     if settings.baselines:
         base = baseline_ranks(settings.data, settings.max_users, settings.sequential, settings.target_items())
         for name in ("popularity", "EASE", "Markov", "SASRec"):
@@ -349,6 +357,52 @@ def evaluate(settings: EvalSettings) -> dict:
     }
     files = save_report(result, settings.output)
     summary = {"output": settings.output, **files, "seconds": result["seconds"], "headline": _headline(models)}
+    return {"summary": summary, "result": result}
+
+
+def _cold_user_rows(settings: EvalSettings, manifest: dict, t0: float) -> dict:
+    """Held-out users scored from their profile and first k events (k = 0, 1, 2; one row each):
+    popularity (train counts) and each retriever with the prior beta chosen on validation."""
+    models: dict[str, dict] = {}
+    cold = layout.read_split(settings.data, layout.COLD_USERS, ["user_id", "position", "target_item_id", "seen_item_ids"])
+    cold = cold.to_pandas().sort_values(["user_id", "position"], kind="stable").reset_index(drop=True)
+    items = Catalogue.from_data_dir(settings.data)
+    targets = np.asarray([items.index[t] for t in cold["target_item_id"]])
+    mask = np.zeros((len(cold), len(items)), dtype=bool)
+    for j, seen in enumerate(cold["seen_item_ids"]):
+        mask[j, [items.index[i] for i in seen]] = True
+    keep = ~mask[np.arange(len(cold)), targets]  # repeats left out, as everywhere
+    pop = np.broadcast_to(np.asarray(items.counts, dtype=np.float64), mask.shape)
+    pop_ranks = target_ranks(pop[keep], targets[keep], mask[keep])
+    positions = cold["position"].to_numpy()[keep]
+    per: dict[str, list[dict]] = {}
+    for ckpt in settings.checkpoints:
+        beta, _ = _best_beta(rank_split(settings, "valid", ckpt, None, None), settings.betas)
+        ranks = rank_split(settings, layout.COLD_USERS, ckpt, None, None)
+        j = list(settings.betas).index(beta)
+        for k in sorted(set(positions)):
+            at = ranks["position"] == k
+            per.setdefault(f"retriever, {k} events", []).append(metrics_of(ranks["rank_retriever"][at]))
+            per.setdefault(f"retriever+prior, {k} events", []).append(metrics_of(ranks[f"rank_b{j}"][at]))
+    for k in sorted(set(positions)):
+        models[f"popularity, {k} events"] = {**aggregate([metrics_of(pop_ranks[positions == k])]), "protocol": "full"}
+        for name in (f"retriever, {k} events", f"retriever+prior, {k} events"):
+            if name in per:
+                models[name] = {**aggregate(per[name]), "protocol": "full", "per_seed": per[name],
+                                "checkpoints": list(settings.checkpoints)}
+    result = {
+        "data": settings.data, "dataset": manifest.get("dataset"), "data_fingerprint": manifest.get("fingerprint"),
+        "num_items": len(items), "num_users": int(cold["user_id"].nunique()),
+        "protocol": "cold users: held out of training and validation; profile + first k events -> event k; "
+                    "full ranking, the k events masked, ties pessimistic",
+        "targets": "cold_users", "cold_users": manifest.get("cold_users"), "ks": list(DEFAULT_KS), "models": models,
+        "notes": ["popularity: train counts of the other users; retriever+prior: beta chosen on the validation split"],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    files = save_report(result, settings.output)
+    summary = {"output": settings.output, **files, "seconds": result["seconds"],
+               "headline": {n: {"ndcg@10": round(m["mean"]["ndcg@10"], 4), "hr@10": round(m["mean"]["hr@10"], 4)}
+                            for n, m in models.items()}}
     return {"summary": summary, "result": result}
 
 

@@ -155,6 +155,35 @@ def test_cold_items_are_held_out_of_training_and_validation_but_kept_as_test_tar
         _cfg(small_log, cold_items=1.0)
 
 
+def test_cold_users_are_held_out_and_get_rows_from_their_first_events(ray_session, tmp_path):
+    """cold_users: a seeded share of the split users leaves training and validation; each gets
+    cold_users rows (profile + first k events -> event k, k = 0, 1, 2); counts reconcile."""
+    from recsys_ray.data.examples import is_cold_user
+
+    cfg = build_config(DataConfig, {"dataset": "synthetic", "output": str(tmp_path / "out"), "cold_users": 0.2},
+                       ["synthetic.num_users=60", "synthetic.num_items=40", "synthetic.num_events=900"])
+    m = prepare(cfg)
+    c, cold = m["counts"], m["cold_users"]
+    assert cold["users"] > 0 and c["cold_user_events"] == cold["events"]
+    split = c["events_by_split"]
+    assert c["events_accepted"] == split["train"] + split["valid"] + split["test"] + cold["events"]
+    rows = read_split(tmp_path / "out", "cold_users").to_pylist()
+    assert c["examples_by_split"]["cold_users"] == len(rows) == 3 * cold["users"]
+    users = {r["user_id"] for r in rows}
+    assert all(is_cold_user(u, 0.2, 0) for u in users)
+    seqs = pads.dataset(str(tmp_path / "out" / "sequences")).to_table().to_pylist()
+    assert not users & {r["user_id"] for r in seqs}  # nothing of theirs to train on
+    for split_name in ("train", "valid", "test"):
+        assert not users & set(read_split(tmp_path / "out", split_name)["user_id"].to_pylist())
+    by_user: dict = {}
+    for r in rows:
+        by_user.setdefault(r["user_id"], []).append(r)
+    for rs in by_user.values():
+        rs.sort(key=lambda r: r["position"])
+        assert [r["position"] for r in rs] == [0, 1, 2] and rs[0]["seen_item_ids"] == []
+        assert rs[2]["seen_item_ids"] == [rs[0]["target_item_id"], rs[1]["target_item_id"]]
+
+
 def test_rerun_into_the_same_output_replaces_it(ray_session, small_log):
     first = prepare(_cfg(small_log))
     second = prepare(_cfg(small_log))

@@ -325,3 +325,51 @@ def test_the_job_prints_one_json_line_or_one_error_line(tmp_path):
                           "--checkpoint", str(tmp_path / "nope")], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_cold_start_rows_cold_items_warm_items_and_cold_users(ray_session, syn_data, tokenizer, tmp_path):
+    """Data prepared with cold_items (seeded random) and cold_users: --targets cold scores only the
+    test events on held-out items (popularity and EASE have never seen them: they rank them
+    behind every warm item, HR@20 = 0), warm the others (together: every test row), cold_users one row per number of
+    known events next to popularity."""
+    from recsys_ray.config import build_config
+    from recsys_ray.data.config import DataConfig
+    from recsys_ray.data.layout import read_split
+    from recsys_ray.data.pipeline import prepare
+
+    data = str(tmp_path / "data")
+    m = prepare(build_config(DataConfig, {"dataset": "synthetic", "output": data, "max_history": 5, "cold_items": 0.2,
+                                          "cold_items_by": "random", "cold_users": 0.15},
+                             ["synthetic.num_users=150", "synthetic.num_items=60", "synthetic.num_events=3000"]))
+    cold_ids = set(m["cold_items"]["ids"])
+    test = read_split(data, "test", ["target_item_id"])["target_item_id"].to_pylist()
+    n_cold = sum(t in cold_ids for t in test)
+    assert 0 < n_cold < len(test)
+    ck = _save_tiny(data, tmp_path / "retriever", "retriever", tokenizer)
+    base = {"data": data, "checkpoints": [ck], "batch_size": 16, "actors": 1, "sequential": None}
+    cold = evaluate(EvalSettings(**base, targets="cold", output=str(tmp_path / "cold")))["result"]
+    warm = evaluate(EvalSettings(**base, targets="warm", output=str(tmp_path / "warm")))["result"]
+    assert cold["num_users"] == n_cold and warm["num_users"] == len(test) - n_cold
+    # never seen in training: popularity ranks each cold target behind every warm item the user has not seen
+    from recsys_ray.data.layout import read_sequences
+    from recsys_ray.evaluate.baselines import baseline_ranks
+
+    fitted = baseline_ranks(data, targets_in=cold_ids)
+    seqs = {r["user_id"]: r for r in read_sequences(data, ["user_id", "item_ids", "n_train"]).to_pylist()}
+    n_items = m["counts"]["items"]
+    for user, rank in zip(fitted["_users"]["ids"], fitted["popularity"]["ranks"][0], strict=True):
+        seen = set(seqs[user]["item_ids"][: seqs[user]["n_train"] + 1])
+        assert rank >= n_items - len(cold_ids) - len(seen), (user, rank)
+    assert cold["models"]["popularity"]["mean"]["mrr"] < warm["models"]["popularity"]["mean"]["mrr"]
+    assert cold["models"]["retriever"]["per_seed"][0]["num_users"] == n_cold and cold["targets"] == "cold"
+    users = evaluate(EvalSettings(**base, targets="cold_users", output=str(tmp_path / "users")))["result"]
+    n_users = m["cold_users"]["users"]
+    for k in (0, 1, 2):
+        for name in (f"popularity, {k} events", f"retriever, {k} events", f"retriever+prior, {k} events"):
+            assert users["models"][name]["num_users"] == n_users, (name, users["models"][name])
+    assert "| popularity, 0 events |" in (tmp_path / "users" / "report.md").read_text()
+    plain = EvalSettings(data=syn_data, checkpoints=[ck], targets="cold_users").problems()
+    assert any("has no cold users" in p for p in plain), plain
+    with pytest.raises(ConfigError, match="--targets cold: .* has no cold items"):
+        evaluate(EvalSettings(data=syn_data, checkpoints=[ck], targets="cold", output=str(tmp_path / "x"),
+                              sequential=None, actors=1))
