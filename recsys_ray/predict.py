@@ -177,6 +177,16 @@ class Predictor:
             self.items, self._item_vecs, self._prior = new, vecs, prior
         return len(new)
 
+    def reinit_items(self, item_ids: Sequence[str]) -> None:
+        """These items back to their first-training vectors (from their text) in every model, as
+        if training had never seen them (evaluate does it for a data set's held-out cold items)."""
+        rows = self.items.rows(list(item_ids))
+        for model in (self.retriever, self.ranker):
+            if model is not None:
+                model.reinit_items(rows, [self.items.tokens[r] for r in rows])
+        with self._swap:
+            self._item_vecs = None
+
     @property
     def roles(self) -> list[str]:
         """The roles this predictor has a model for ("retriever", "ranker")."""

@@ -78,6 +78,13 @@ class EvalSettings:
     # cold_users: the held-out users' rows instead of the test split (profile + first k events)
     targets: str = "all"
 
+    def cold_item_ids(self) -> list[str]:
+        """The data's held-out cold items (none without): models score them from their text
+        initialisation, as items added after training, in every row of the evaluation. A
+        full-catalogue softmax trained their tokens as negatives; that is not "never seen"."""
+        cold = layout.read_manifest(self.data).get("cold_items") if layout.is_prepared(self.data) else None
+        return list(cold["ids"]) if cold else []
+
     def target_items(self) -> set[str] | None:
         """The item ids test targets must be among (None: all), from the manifest's cold items."""
         if self.targets in ("all", "cold_users"):
@@ -132,8 +139,10 @@ class RankUDF:
     """
 
     def __init__(self, predictor: dict, betas: Sequence[float], rerank_beta: float | None,
-                 sampled: int, seed: int, torch_threads: int = 1):
+                 sampled: int, seed: int, torch_threads: int = 1, reinit_items: Sequence[str] = ()):
         self.p = Predictor(PredictorConfig(**predictor, torch_threads=torch_threads))
+        if reinit_items:  # held-out cold items: the tokens training never gave them (Predictor.reinit_items)
+            self.p.reinit_items(list(reinit_items))
         self.betas = list(betas)
         self.rerank_beta = rerank_beta
         self.sampled, self.seed = sampled, seed
@@ -232,7 +241,8 @@ def rank_split(settings: EvalSettings, split: str, retriever: str | None, ranker
         RankUDF,
         fn_constructor_kwargs={"predictor": predictor, "betas": list(settings.betas), "rerank_beta": rerank_beta,
                                "sampled": sampled, "seed": settings.seed,
-                               "torch_threads": max(1, cpus // actors)},
+                               "torch_threads": max(1, cpus // actors),
+                               "reinit_items": settings.cold_item_ids()},
         batch_size=settings.batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=min(1.0, cpus / actors) * 0.9,  # leave a sliver for the reader and the driver

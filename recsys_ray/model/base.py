@@ -183,6 +183,11 @@ class BertRecommender(nn.Module):
         kept = sum(1 for iid in new.ids if iid in old.index)
         return {"kept": kept, "new": len(new) - kept, "dropped": len(old) - kept}
 
+    def reinit_items(self, rows: Sequence[int], item_tokens: Sequence[Sequence[int]]) -> None:
+        """Give these catalogue rows their first-training initialisation again (kinds with per-item
+        tables; text kinds read the item text and change nothing): an item the model must treat
+        as never seen, e.g. a held-out cold item that a full-catalogue softmax trained as a negative."""
+
     @classmethod
     def train_rows(cls, manifest: dict) -> tuple[int, str]:
         """(rows one epoch covers, what they are) in the prepared data."""

@@ -196,6 +196,14 @@ def test_items_added_to_a_predictor_get_text_initialised_tokens_and_are_recommen
         with pytest.raises(RecsysError, match=why):
             p.add_items(ids, ["t"] * len(ids))
     assert len(p.items) == n + 2 and p.item_vectors().shape[0] == n + 2
+    # reinit_items (evaluate's held-out cold items): those rows back to their text init, the rest untouched
+    with torch.no_grad():
+        p.retriever.item_emb.weight[:5] += 1.0
+    trained = p.retriever.item_emb.weight.detach().clone()
+    p.reinit_items(p.items.ids[:3])
+    assert torch.allclose(p.retriever.item_emb.weight[:3], p.retriever.initial_item_vectors(p.items.tokens[:3]))
+    assert torch.equal(p.retriever.item_emb.weight[3:], trained[3:])
+    assert torch.allclose(p.item_vectors()[:3], p.retriever.item_vectors()[:3])
 
 
 def test_two_worker_run_learns_and_evaluation_reproduces_its_validation_scores(ray_session, syn_data, tokenizer, tmp_path):

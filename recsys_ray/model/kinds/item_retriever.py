@@ -154,6 +154,11 @@ class ItemTokenRetriever(Retriever):
         self.item_emb.weight.copy_(self.initial_item_vectors(item_tokens))
 
     @torch.no_grad()
+    def reinit_items(self, rows: Sequence[int], item_tokens: Sequence[Sequence[int]]) -> None:
+        if len(rows):
+            self.item_emb.weight[torch.as_tensor(list(rows), dtype=torch.long)] = self.initial_item_vectors(item_tokens)
+
+    @torch.no_grad()
     def adopt_catalogue(self, old: Catalogue, new: Catalogue) -> dict:
         """Item embeddings for ``new``: an item ``old`` knew keeps its learned vector, a new item
         gets :meth:`initial_item_vectors`, a removed one is dropped."""
