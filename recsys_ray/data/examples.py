@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recsys_ray.data import text as T
+from recsys_ray.data.layout import COLD_USER_EVENTS
 from recsys_ray.data.tokenize import ContextEncoder, encode_texts, list_column
 from recsys_ray.model.tokenizer import load_tokenizer
 
@@ -130,9 +131,6 @@ def hold_out_items(sequences: pa.Table, cold: list[str]) -> pa.Table:
                          pa.array(ts_out, sequences.schema.field("timestamps").type))
     out = out.set_column(out.schema.get_field_index("n_train"), "n_train", pa.array(n_out, pa.int64()))
     return out.append_column("held_out", pa.array(held, pa.int64()))
-
-
-COLD_USER_EVENTS = 3  # a cold user's rows: its first 0, 1, 2 events known, the next one the target
 
 
 def is_cold_user(user_id: str, fraction: float, seed: int) -> bool:

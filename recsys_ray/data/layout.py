@@ -36,6 +36,7 @@ USER_REJECTS = "user_rejects"
 SOURCE = "source"
 SPLITS = ("train", "valid", "test")
 COLD_USERS = "cold_users"  # DataConfig.cold_users: rows of held-out users (profile + first k events -> event k)
+COLD_USER_EVENTS = 3  # a cold user's rows: its first 0, 1, 2 events known, the next one the target
 PARTS = (ITEMS, SEQUENCES, EXAMPLES, REJECTS, USER_REJECTS, SOURCE, MANIFEST)  # what a preparation (re)writes
 
 

@@ -39,7 +39,6 @@ from recsys_ray.data import layout
 from recsys_ray.data import text as T
 from recsys_ray.data.config import ColumnMap, DataConfig, cutoff_us
 from recsys_ray.data.examples import (
-    COLD_USER_EVENTS,
     SEQUENCE_SCHEMA,
     ExampleBuilder,
     ExampleSettings,
@@ -443,7 +442,7 @@ def _split_users(inp: Inputs, validated):
         held = _sum_rows(sequences.filter(expr="cold_user == True").map_batches(
             _sequence_stats, batch_format="pyarrow", batch_size=None), ["users", "events"])
         cold_users = {"fraction": inp.cfg.cold_users, "seed": inp.cfg.seed, "users": held["users"],
-                      "events": held["events"], "events_known": list(range(COLD_USER_EVENTS))}
+                      "events": held["events"], "events_known": list(range(layout.COLD_USER_EVENTS))}
     # with profiles, sequences keep profile_text: history="items" models train from sequences
     seq_columns = SEQUENCE_SCHEMA.names + (["profile_text"] if with_profiles else [])
     path, fs = layout.dataset_target(inp.out, layout.SEQUENCES)

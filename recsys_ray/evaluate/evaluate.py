@@ -385,6 +385,14 @@ def _cold_user_rows(settings: EvalSettings, manifest: dict, t0: float) -> dict:
     pop = np.broadcast_to(np.asarray(items.counts, dtype=np.float64), mask.shape)
     pop_ranks = target_ranks(pop[keep], targets[keep], mask[keep])
     positions = cold["position"].to_numpy()[keep]
+    # the stronger baseline for new users: how often each item was the other users' k-th event
+    # (MovieLens users rate a few new releases first: its first events are far from overall popularity)
+    firsts = layout.read_sequences(settings.data, ["item_ids"])["item_ids"].to_pylist()
+    at_k = np.zeros((layout.COLD_USER_EVENTS, len(items)))
+    for seq in firsts:
+        for k, iid in enumerate(seq[: layout.COLD_USER_EVENTS]):
+            at_k[k, items.index[iid]] += 1
+    kth_ranks = target_ranks(at_k[positions], targets[keep], mask[keep])
     per: dict[str, list[dict]] = {}
     for ckpt in settings.checkpoints:
         beta, _ = _best_beta(rank_split(settings, "valid", ckpt, None, None), settings.betas)
@@ -396,6 +404,8 @@ def _cold_user_rows(settings: EvalSettings, manifest: dict, t0: float) -> dict:
             per.setdefault(f"retriever+prior, {k} events", []).append(metrics_of(ranks[f"rank_b{j}"][at]))
     for k in sorted(set(positions)):
         models[f"popularity, {k} events"] = {**aggregate([metrics_of(pop_ranks[positions == k])]), "protocol": "full"}
+        models[f"popularity of event {k + 1}, {k} events"] = {**aggregate([metrics_of(kth_ranks[positions == k])]),
+                                                              "protocol": "full"}
         for name in (f"retriever, {k} events", f"retriever+prior, {k} events"):
             if name in per:
                 models[name] = {**aggregate(per[name]), "protocol": "full", "per_seed": per[name],
@@ -406,7 +416,8 @@ def _cold_user_rows(settings: EvalSettings, manifest: dict, t0: float) -> dict:
         "protocol": "cold users: held out of training and validation; profile + first k events -> event k; "
                     "full ranking, the k events masked, ties pessimistic",
         "targets": "cold_users", "cold_users": manifest.get("cold_users"), "ks": list(DEFAULT_KS), "models": models,
-        "notes": ["popularity: train counts of the other users; retriever+prior: beta chosen on the validation split"],
+        "notes": ["popularity: train counts of the other users; popularity of event k+1: how often each item "
+                  "was the other users' (k+1)-th event; retriever+prior: beta chosen on the validation split"],
         "seconds": round(time.perf_counter() - t0, 1),
     }
     files = save_report(result, settings.output)

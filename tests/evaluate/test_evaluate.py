@@ -365,7 +365,8 @@ def test_cold_start_rows_cold_items_warm_items_and_cold_users(ray_session, syn_d
     users = evaluate(EvalSettings(**base, targets="cold_users", output=str(tmp_path / "users")))["result"]
     n_users = m["cold_users"]["users"]
     for k in (0, 1, 2):
-        for name in (f"popularity, {k} events", f"retriever, {k} events", f"retriever+prior, {k} events"):
+        for name in (f"popularity, {k} events", f"popularity of event {k + 1}, {k} events", f"retriever, {k} events",
+                     f"retriever+prior, {k} events"):
             assert users["models"][name]["num_users"] == n_users, (name, users["models"][name])
     assert "| popularity, 0 events |" in (tmp_path / "users" / "report.md").read_text()
     plain = EvalSettings(data=syn_data, checkpoints=[ck], targets="cold_users").problems()
