@@ -136,13 +136,8 @@ class Predictor:
             raise RecsysError("popularity_weight needs train counts in the catalogue (train_count column)")
         return (self.cfg.popularity_weight * np.log1p(items.counts)).astype(np.float32)
 
-    def add_items(self, item_ids: Sequence[str], texts: Sequence[str]) -> int:
-        """Append catalogue items from their text, without retraining: each model takes the grown
-        catalogue as a warm start would (item-token retrievers: the new items' tokens from their
-        text), the new items' vectors are computed and appended, their popularity prior is 0.
-        Ids already in the catalogue (or given twice) are refused, naming them; nothing changes
-        then. Returns the catalogue's new size. Rows only grow, so a row number read before the
-        call still means the same item."""
+    def check_new_items(self, item_ids: Sequence[str], texts: Sequence[str]) -> None:
+        """What :meth:`add_items` refuses, without adding anything (RecsysError naming the ids)."""
         if len(item_ids) != len(texts) or not item_ids:
             raise RecsysError("give one text per item id, at least one item")
         counts: dict[str, int] = {}
@@ -152,6 +147,15 @@ class Predictor:
         if clash:
             shown = ", ".join(repr(i) for i in clash[:10]) + (" ..." if len(clash) > 10 else "")
             raise RecsysError(f"item id(s) already in the catalogue or given twice: {shown}")
+
+    def add_items(self, item_ids: Sequence[str], texts: Sequence[str]) -> int:
+        """Append catalogue items from their text, without retraining: each model takes the grown
+        catalogue as a warm start would (item-token retrievers: the new items' tokens from their
+        text), the new items' vectors are computed and appended, their popularity prior is 0.
+        Ids already in the catalogue (or given twice) are refused, naming them; nothing changes
+        then. Returns the catalogue's new size. Rows only grow, so a row number read before the
+        call still means the same item."""
+        self.check_new_items(item_ids, texts)
         max_tokens = int((self._model(None).extra.get("text") or {}).get("max_item_tokens") or MAX_TEXT_TOKENS)
         tokens = self.text_ids(texts, max_tokens)
         old = self.items

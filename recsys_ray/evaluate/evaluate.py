@@ -159,7 +159,9 @@ class RankUDF:
         mask = np.zeros((n, len(items)), dtype=bool)
         for j, s in enumerate(seen):
             mask[j, s] = True
-        out: dict[str, np.ndarray] = {"user_id": np.asarray(batch["user_id"]), "position": np.asarray(batch["position"])}
+        out: dict[str, np.ndarray] = {"user_id": np.asarray(batch["user_id"])}
+        if "position" in batch:  # the cold-user rows are told apart by it
+            out["position"] = np.asarray(batch["position"])
         if p.retriever is not None:
             raw = p.retrieval_scores(contexts, with_prior=False)  # (n, I)
             for j, b in enumerate(self.betas):

@@ -100,14 +100,16 @@ class ItemSync:
             self.position = length
 
     async def add(self, items: list[dict]) -> dict:
-        """Validate and apply ``items`` here, then record them for every other replica."""
+        """Check ``items`` here, record them for every replica, then apply them here: the log
+        has them before any replica can name their rows (a Ranker asked about a row the
+        Retriever already has finds it in the log)."""
         await self.sync(force=True)
+        ids, texts = [it["item_id"] for it in items], [it["text"] for it in items]
         async with self.lock:
-            await asyncio.to_thread(self.predictor.add_items, [it["item_id"] for it in items],
-                                    [it["text"] for it in items])
+            self.predictor.check_new_items(ids, texts)
             try:
                 length = await self.log.append.remote(items)
             except ray.exceptions.RayError as exc:
-                raise RecsysError(f"the item log is unreachable ({exc}); the items were added to one replica "
-                                  "only: add them again") from None
+                raise RecsysError(f"the item log is unreachable ({exc}): nothing was added, try again") from None
+            await asyncio.to_thread(self.predictor.add_items, ids, texts)
         return {"added": len(items), "items": len(self.predictor.items), "log_length": length}
