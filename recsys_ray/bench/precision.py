@@ -14,22 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 import torch
 
+from recsys_ray.bench.serve import _best_seconds
 from recsys_ray.data.layout import read_split_rows
 from recsys_ray.predict import Predictor, PredictorConfig
-
-
-def _best(fn, repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _measure(p: Predictor, batch_rows: dict, batch: int, candidates: int, scores: dict, precision: str) -> dict:
@@ -37,16 +28,16 @@ def _measure(p: Predictor, batch_rows: dict, batch: int, candidates: int, scores
     if p.retriever is not None:
         ctx = p.example_contexts(batch_rows, "retriever")
         p.retrieve(ctx[:batch], 10)  # warm-up
-        res["users_per_s_one_per_call"] = round(len(ctx) / _best(lambda: [p.retrieve([c], 10) for c in ctx]), 2)
-        res["users_per_s_batched"] = round(len(ctx) / _best(
-            lambda: [p.retrieve(ctx[i:i + batch], 10) for i in range(0, len(ctx), batch)]), 2)
+        res["users_per_s_one_per_call"] = round(len(ctx) / _best_seconds("cpu", lambda: [p.retrieve([c], 10) for c in ctx], repeats=3), 2)
+        res["users_per_s_batched"] = round(len(ctx) / _best_seconds(
+            "cpu", lambda: [p.retrieve(ctx[i:i + batch], 10) for i in range(0, len(ctx), batch)], repeats=3), 2)
         scores[(precision, "retriever")] = p.retrieval_scores(ctx, with_prior=False)
     if p.ranker is not None:
         ctx = p.example_contexts(batch_rows, "ranker")
         pairs_ctx = [c for c in ctx for _ in range(candidates)]
         pairs = [cand for j in range(len(ctx)) for cand in p.candidate_ids(list(range(j, j + candidates)))]
         p.score_pairs(pairs_ctx[:64], pairs[:64])  # warm-up
-        res["pairs_per_s"] = round(len(pairs) / _best(lambda: p.score_pairs(pairs_ctx, pairs), repeats=2), 2)
+        res["pairs_per_s"] = round(len(pairs) / _best_seconds("cpu", lambda: p.score_pairs(pairs_ctx, pairs)), 2)
         scores[(precision, "ranker")] = p.score_pairs(pairs_ctx, pairs)
     return res
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Literal
 
+from recsys_ray.data.timestamps import cutoff_us
+
 
 @dataclasses.dataclass
 class ColumnMap:
@@ -106,14 +108,3 @@ class DataConfig:
                        f"{self.timestamp_unit!r})")
         return out
 
-
-def cutoff_us(cutoff: str | float | None, unit: str) -> int | None:
-    """``DataConfig.cutoff`` as epoch microseconds, the unit events are compared in; None if unparseable."""
-    import pyarrow as pa
-
-    from recsys_ray.data.validate import parse_timestamps
-
-    if cutoff is None:
-        return None
-    us, ok = parse_timestamps(pa.array([str(cutoff)]), unit)
-    return int(us[0]) if ok[0] else None

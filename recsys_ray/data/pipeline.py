@@ -37,7 +37,7 @@ from recsys_ray import storage
 from recsys_ray.config import to_dict
 from recsys_ray.data import layout
 from recsys_ray.data import text as T
-from recsys_ray.data.config import ColumnMap, DataConfig, cutoff_us
+from recsys_ray.data.config import ColumnMap, DataConfig
 from recsys_ray.data.examples import (
     SEQUENCE_SCHEMA,
     ExampleBuilder,
@@ -56,6 +56,7 @@ from recsys_ray.data.sources import (
     profile_columns,
     resolve_source,
 )
+from recsys_ray.data.timestamps import cutoff_us
 from recsys_ray.data.tokenize import encode_texts, list_column, tokenizer_info
 from recsys_ray.data.validate import (
     REJECT_COLUMNS,

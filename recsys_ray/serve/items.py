@@ -72,11 +72,15 @@ class ItemSync:
     def apply_now(self) -> None:
         """The whole log, blocking (a replica's constructor: before it is routed to)."""
         length, items = ray.get(self.log.since.remote(0))
+        self._apply(items)
+        self.position, self.checked = length, time.monotonic()
+
+    def _apply(self, items: list[dict]) -> None:
+        """Add the logged items this replica's catalogue lacks (a new checkpoint may have some)."""
         new = [it for it in items if it["item_id"] not in self.predictor.items.index]
         if new:
             self.predictor.add_items([it["item_id"] for it in new], [it["text"] for it in new])
-            log.info("%d items of the item log added at start-up", len(new))
-        self.position, self.checked = length, time.monotonic()
+            log.info("%d items added from the item log (catalogue now %d)", len(new), len(self.predictor.items))
 
     async def sync(self, force: bool = False) -> None:
         """Apply the log's new items if ``period_s`` passed since the last look (or ``force``)."""
@@ -91,12 +95,7 @@ class ItemSync:
                 log.warning("item log of %s unreachable: %s", self.app_name, exc)
                 return
             self.checked = time.monotonic()
-            known = self.predictor.items.index
-            new = [it for it in items if it["item_id"] not in known]
-            if new:
-                await asyncio.to_thread(self.predictor.add_items, [it["item_id"] for it in new],
-                                        [it["text"] for it in new])
-                log.info("%d items added from the item log (catalogue now %d)", len(new), len(self.predictor.items))
+            await asyncio.to_thread(self._apply, items)
             self.position = length
 
     async def add(self, items: list[dict]) -> dict:
