@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="test events on the data's held-out cold items only, on the others, or all "
                              "(data prepared with --set cold_items=F); cold_users: the held-out users' rows "
                              "(--set cold_users=F), one row per number of known events")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
-                        help="score with the models in this precision (int8: dynamic quantization, CPU)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "int8", "bf16", "fp16"],
+                        help="score with the models in this precision (int8: dynamic quantization, CPU; bf16/fp16: half-precision encoders, for GPUs)")
     parser.add_argument("--s3-endpoint", help="S3-compatible store (default: AWS_ENDPOINT_URL(_S3), else AWS)")
     args = parser.parse_args(argv)
     if not args.merge and not args.data:

@@ -73,7 +73,7 @@ class EvalSettings:
     sequential: SequentialSettings | None = field(default_factory=SequentialSettings)  # None: no Markov/SASRec rows
     s3_endpoint: str | None = None  # S3-compatible store; default AWS_ENDPOINT_URL(_S3) or AWS
     adopt_items: bool = False  # models trained on another catalogue take this data's (PredictorConfig.adopt_items)
-    precision: str = "fp32"  # fp32 | int8 (recsys_ray.model.compress)
+    precision: str = "fp32"  # fp32 | int8 | bf16 | fp16 (recsys_ray.model.compress)
     # all | cold | warm: test events on the data's held-out cold items, or on the others;
     # cold_users: the held-out users' rows instead of the test split (profile + first k events)
     targets: str = "all"

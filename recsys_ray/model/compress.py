@@ -8,6 +8,11 @@ tables (word pieces, positions, item tokens) stay fp32, so item vectors of the i
 retriever are exact and only the user encoder is approximated. Scores stay close to fp32
 (tests/model/test_compress.py bounds the difference; docs/benchmarks.md has the speed and the
 NDCG@10 of both on MovieLens-100K).
+
+``bf16`` / ``fp16``: the encoder's weights and activations in half precision (meant for GPUs, where
+tensor cores run them several times faster than fp32; they run on CPU too, slower). Float inputs
+(the item-token retriever's input embeddings) are cast on the way in and the hidden states come
+out as fp32, so the heads, the item-vector table and every score after the encoder stay fp32.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from torch import nn
 
 from recsys_ray.errors import RecsysError
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "bf16", "fp16")
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def compress(model: nn.Module, precision: str, device: torch.device) -> nn.Module:
@@ -28,8 +34,12 @@ def compress(model: nn.Module, precision: str, device: torch.device) -> nn.Modul
         raise RecsysError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return model
+    if precision in HALF:
+        half_encoder(model.encoder, HALF[precision])
+        model.precision = precision
+        return model
     if device.type != "cpu":
-        raise RecsysError(f"precision int8 runs on CPU only (device is {device}); use fp32 on GPUs")
+        raise RecsysError(f"precision int8 runs on CPU only (device is {device}); use fp32, bf16 or fp16 on GPUs")
     if getattr(model, "lora_rank", None) is not None:
         raise RecsysError("precision int8 needs plain weights: this checkpoint carries unmerged LoRA adapters")
     from torch.ao.quantization import quantize_dynamic
@@ -40,3 +50,21 @@ def compress(model: nn.Module, precision: str, device: torch.device) -> nn.Modul
         quantize_dynamic(model.encoder, {nn.Linear}, dtype=torch.qint8, inplace=True)
     model.precision = precision
     return model
+
+
+def half_encoder(encoder: nn.Module, dtype: torch.dtype) -> None:
+    """``encoder`` computes in ``dtype``: weights cast, float inputs cast in, hidden states out as fp32."""
+    encoder.to(dtype)
+
+    def cast_in(module, args, kwargs):
+        def cast(v):
+            return v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+        return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+    def float_out(module, args, kwargs, output):
+        output.last_hidden_state = output.last_hidden_state.float()
+        return output
+
+    encoder.register_forward_pre_hook(cast_in, with_kwargs=True)
+    encoder.register_forward_hook(float_out, with_kwargs=True)

@@ -88,6 +88,36 @@ def test_what_int8_cannot_do_is_refused_with_the_reason(tokenizer):
     plain = from_config(ModelConfig(kind="ranker", tiny=SMALL), tokenizer)
     with pytest.raises(RecsysError, match="CPU only"):
         compress(plain, "int8", torch.device("cuda"))
-    with pytest.raises(RecsysError, match="precision 'fp16': one of fp32, int8"):
-        compress(plain, "fp16", torch.device("cpu"))
+    with pytest.raises(RecsysError, match="precision 'int4': one of fp32, int8, bf16, fp16"):
+        compress(plain, "int4", torch.device("cpu"))
     assert compress(plain, "fp32", torch.device("cpu")) is plain
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_encoders_keep_scores_close_and_the_tables_fp32(syn_data, tokenizer, tmp_path, precision):
+    """bf16 / fp16 (meant for GPUs; they run on CPU too): the encoder computes in half precision,
+    the item table and every score stay fp32, and the ranking barely moves."""
+    ck = _checkpoints(syn_data, tokenizer, tmp_path)
+    rows = read_split_rows(syn_data, "test")[:32]
+    batch = {k: [r[k] for r in rows] for k in ("context_ids", "seen_item_ids", "profile_ids")}
+    fp32 = Predictor(PredictorConfig(retriever=ck["items"], ranker=ck["ranker"]))
+    half = Predictor(PredictorConfig(retriever=ck["items"], ranker=ck["ranker"], precision=precision))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert {p.dtype for p in half.retriever.encoder.parameters()} == {dtype}
+    assert half.retriever.item_emb.weight.dtype == torch.float32
+    assert torch.equal(half.item_vectors(), fp32.item_vectors())
+
+    a = fp32.retrieval_scores(fp32.example_contexts(batch), with_prior=False)
+    b = half.retrieval_scores(half.example_contexts(batch), with_prior=False)
+    assert b.dtype == np.float32
+    rel = np.abs(a - b).max() / (a.max() - a.min())
+    top_overlap = np.mean([len(set(np.argsort(-a[j])[:10]) & set(np.argsort(-b[j])[:10])) / 10 for j in range(len(a))])
+    ctx = fp32.example_contexts(batch, "ranker")
+    cands = [fp32.candidate_ids(list(range(j, j + 8))) for j in range(len(ctx))]
+    sa = np.concatenate(fp32.score_many(ctx, cands))
+    sb = np.concatenate(half.score_many(ctx, cands))
+    corr_r = np.corrcoef(sa, sb)[0, 1]
+    print(f"{precision} vs fp32: retriever max |diff| {rel:.4f} of the range, top-10 overlap {top_overlap:.2f}; "
+          f"ranker logit correlation {corr_r:.4f}")
+    assert rel < 0.05 and top_overlap > 0.8
+    assert corr_r > 0.9
