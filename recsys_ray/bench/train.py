@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 # the `tiny` preset's encoder (configs/tiny.yaml): random weights, seconds per run on a laptop
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 RATIO_TARGET = 0.9  # Ray 1 worker / plain 1 thread, samples/s
-INPUTS = ("user_", "item_", "pair_")  # prefixes of the encoder inputs a collated batch can hold
+INPUTS = ("", "user_", "item_", "pair_")  # prefixes of the encoder inputs a collated batch can hold ("": the item-token retriever's sequences)
 
 
 @dataclasses.dataclass
@@ -178,10 +178,12 @@ class FlopModel:
     layer_params: int  # parameters of the transformer layers (embeddings excluded)
     head_params: int
     params_total: int  # every parameter value, frozen ones included
+    catalogue: int = 0  # item-token retriever: items every position is scored against (full softmax)
 
     @classmethod
     def of(cls, model: BertRecommender) -> FlopModel:
         return cls(
+            catalogue=model.num_items if model.history == "items" else 0,
             layers=model.encoder.config.num_hidden_layers,
             hidden=model.encoder.config.hidden_size,
             layer_params=sum(p.numel() for p in model.encoder.encoder.parameters()),
@@ -200,6 +202,11 @@ class FlopModel:
             fwd += 2.0 * self.layer_params * rows * length
             fwd += 4.0 * self.layers * self.hidden * length * length * rows
             fwd += 2.0 * self.head_params * rows
+        targets = batch.get("targets")
+        if self.catalogue and targets is not None:
+            # (M, H) x (H, N) scores of every predicting position against the catalogue (or its K + 1 candidates)
+            cols = batch["candidates"].shape[1] if "candidates" in batch else self.catalogue
+            fwd += 2.0 * int((targets >= 0).sum()) * cols * self.hidden
         return 3.0 * fwd
 
 
@@ -245,15 +252,21 @@ def token_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
 # the plain loop
 
 
-def sample_rows(data: str, n: int, seed: int) -> list[dict]:
-    """A seeded random sample of ``n`` train rows (the columns the collator reads)."""
-    table = layout.read_split(data, "train", ["context_ids", "target_item_id", "negative_item_ids"])
+def sample_rows(data: str, n: int, seed: int, model: ModelConfig | None = None) -> list[dict]:
+    """A seeded random sample of ``n`` rows of what ``model``'s kind trains from (the columns its
+    collator reads; default: the text kinds' train split)."""
+    if model is None:
+        table = layout.read_split(data, "train", ["context_ids", "target_item_id", "negative_item_ids"])
+    else:
+        kind = kinds.kind_class(model)
+        table = layout.read_table(data, kind.train_part, kind.train_columns(data))
     idx = list(range(table.num_rows))
     random.Random(seed).shuffle(idx)
     return table.take(sorted(idx[:n])).to_pylist()
 
 
-def plain_batches(rows: list[dict], n: int, batch_size: int, bucket_batches: int, seed: int) -> list[list[dict]]:
+def plain_batches(rows: list[dict], n: int, batch_size: int, bucket_batches: int, seed: int,
+                  key: str = "context_ids") -> list[list[dict]]:
     """``n`` batches, shuffled and length-bucketed as train_loop_per_worker does; cycles the rows."""
     if len(rows) < batch_size:
         raise RecsysError(f"{len(rows)} train rows are fewer than one batch of {batch_size}")
@@ -264,19 +277,20 @@ def plain_batches(rows: list[dict], n: int, batch_size: int, bucket_batches: int
         order = rows[:]
         rng.shuffle(order)
         for s in range(0, len(order), chunk):
-            out.extend(length_buckets(order[s : s + chunk], batch_size, rng, key="context_ids"))
+            out.extend(length_buckets(order[s : s + chunk], batch_size, rng, key=key))
     return out[:n]
 
 
 def run_plain(cfg: BenchConfig, tc: TrainConfig, batches: list[list[dict]], items: Catalogue, tokenizer,
-              threads: int, peak: float, widths: dict[str, int] | None = None) -> dict:
-    """Time ``cfg.steps`` training steps after ``cfg.warmup_steps`` in this process."""
+              threads: int, peak: float, widths: dict[str, int] | None = None, bf16: bool | None = None) -> dict:
+    """Time ``cfg.steps`` training steps after ``cfg.warmup_steps`` in this process (``bf16``:
+    autocast, default on GPU only, as train_loop_per_worker does)."""
     device = _device(cfg)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(cfg.seed)
-        model = kinds.from_config(tc.model, tokenizer).to(device)
+        model = kinds.from_config(tc.model, tokenizer, item_tokens=items.tokens).to(device)
         model.train()
         flop_model = FlopModel.of(model)
         step = ScoreStep(model)
@@ -284,7 +298,8 @@ def run_plain(cfg: BenchConfig, tc: TrainConfig, batches: list[list[dict]], item
         optimizer = torch.optim.AdamW(params, lr=tc.optim.lr, weight_decay=tc.optim.weight_decay)
         special = special_ids(tokenizer)
         collate = model.collator(items, special, tc.train_settings(), tokenizer, 0)
-        autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda"
+        bf16 = device.type == "cuda" if bf16 is None else bf16
+        autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16
                     else contextlib.nullcontext())
         samples = real = total = train_tokens = 0
         flops = 0.0
@@ -335,6 +350,7 @@ def run_plain(cfg: BenchConfig, tc: TrainConfig, batches: list[list[dict]], item
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "fixed_padding": bool(widths),
+        "bf16": bf16,
     }
 
 
@@ -344,7 +360,13 @@ def run_plain(cfg: BenchConfig, tc: TrainConfig, batches: list[list[dict]], item
 
 def run_ray(cfg: BenchConfig, workers: int, storage: str) -> dict:
     """Fit the project's TorchTrainer (2 epochs of ``cfg.steps``) and read what the loop reported."""
-    tc = train_config(cfg, workers, storage, f"bench-{workers}w")
+    return fit_two_epochs(train_config(cfg, workers, storage, f"bench-{workers}w"))
+
+
+def fit_two_epochs(tc: TrainConfig) -> dict:
+    """Fit the project's TorchTrainer for ``tc`` (2 epochs, ``keep_checkpoints`` >= 2) and read
+    what the loop reported: epoch 2's rates, epoch 1's as the cold start."""
+    workers = tc.num_workers
     run_plan = plan(tc)
     t = time.perf_counter()
     result = run_trainer(build_trainer(tc, run_plan), f"ray run with {workers} worker(s)")
@@ -357,8 +379,8 @@ def run_ray(cfg: BenchConfig, workers: int, storage: str) -> dict:
         "workers": workers,
         "threads": 1,
         "steps": run_plan["steps_per_epoch"],
-        "samples": run_plan["steps_per_epoch"] * workers * cfg.batch_size,
-        "seconds": run_plan["steps_per_epoch"] * workers * cfg.batch_size / warm["samples_per_s"],
+        "samples": run_plan["steps_per_epoch"] * workers * tc.batch_size,
+        "seconds": run_plan["steps_per_epoch"] * workers * tc.batch_size / warm["samples_per_s"],
         "samples_per_s": warm["samples_per_s"],
         "train_tokens_per_s": warm["tokens_per_s"],
         "cold_samples_per_s": cold["samples_per_s"],
