@@ -10,6 +10,7 @@ the Predictor adds what is common to all of them:
 - ``candidates(item_ids, texts)`` / ``candidate_ids(rows)``: candidates as model inputs;
 - ``retrieve(contexts, k, exclude)``: full-catalogue top k by the retriever (item vectors are
   computed once and kept), optionally plus a popularity prior ``beta * log(1 + train count)``;
+  exact, or approximate with ``index="ivf"`` (:mod:`recsys_ray.index`);
 - ``score_pairs(contexts, candidates)``: ranker logits for (context, candidate) pairs;
 - ``score(context, candidates)`` / ``score_many``: what ``POST /v1/score`` answers (ranker if
   loaded, else the retriever's scaled cosine);
@@ -36,6 +37,7 @@ from recsys_ray.data import text as T
 from recsys_ray.data.catalogue import CATALOGUE_FILE, Catalogue
 from recsys_ray.data.tokenize import encode_texts
 from recsys_ray.errors import RecsysError
+from recsys_ray.index import INDEXES, IVFIndex, top_k
 from recsys_ray.model import kinds
 from recsys_ray.model.base import BertRecommender, InputSettings, Retriever
 from recsys_ray.model.compress import compress
@@ -63,7 +65,10 @@ class PredictorConfig:
     # items= may differ from the checkpoint's catalogue (a newer window): the model takes it as a
     # warm start would (BertRecommender.adopt_catalogue: new items from their text, removed ones dropped)
     adopt_items: bool = False
-    precision: str = "fp32"  # fp32 | int8 (dynamic quantization of the linear layers, CPU; recsys_ray.model.compress)
+    index: str = "exact"  # retrieve(): exact (every item scored) | ivf (faiss IVF, approximate; recsys_ray.index)
+    index_nprobe: int = 32  # ivf: groups searched per user (more = closer to exact, slower)
+    index_nlist: int = 0  # ivf: groups (0 = about 4 sqrt(items))
+    precision: str = "fp32"  # fp32 | int8 (dynamic quantization, CPU) | bf16 | fp16 (half-precision encoder, GPU); recsys_ray.model.compress
 
 
 def rerank_order(ranker_scores: np.ndarray, k: int) -> np.ndarray:
@@ -81,6 +86,8 @@ class Predictor:
             raise RecsysError("a predictor needs a retriever or a ranker checkpoint")
         if cfg.batch_size < 1 or cfg.rerank_top < 1:
             raise RecsysError("batch_size and rerank_top must be >= 1")
+        if cfg.index not in INDEXES:
+            raise RecsysError(f"index {cfg.index!r}: one of {', '.join(INDEXES)}")
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         self.cfg = cfg
@@ -119,6 +126,7 @@ class Predictor:
         )
         self.special = self.inputs.special
         self._item_vecs: torch.Tensor | None = None
+        self._index: IVFIndex | None = None  # cfg.index == "ivf": built on first use (build_index)
         self._prior = self._popularity_prior()
         self._swap = threading.Lock()  # add_items replaces (items, item vectors, prior) together
 
@@ -178,7 +186,12 @@ class Predictor:
             vecs = torch.cat([vecs, fresh.to(vecs.device)])
         prior = self._popularity_prior(new)
         with self._swap:  # a retrieval in another thread sees the old or the new catalogue, whole
+            if self._index is not None and vecs is not None:
+                # faiss ids are sequential: the new rows follow the old ones, as in the catalogue
+                self._index.add(vecs[len(old):].cpu().numpy(), None if prior is None else prior[len(old):])
             self.items, self._item_vecs, self._prior = new, vecs, prior
+            if self._index is not None and vecs is None:
+                self._index = None  # no vectors yet: built from the grown catalogue on first use
         return len(new)
 
     def reinit_items(self, item_ids: Sequence[str]) -> None:
@@ -190,6 +203,7 @@ class Predictor:
                 model.reinit_items(rows, [self.items.tokens[r] for r in rows])
         with self._swap:
             self._item_vecs = None
+            self._index = None
 
     @property
     def roles(self) -> list[str]:
@@ -287,11 +301,29 @@ class Predictor:
             scores = scores + prior[None, :]
         return scores
 
+    def build_index(self) -> IVFIndex | None:
+        """The approximate item index of ``cfg.index`` (None for exact), built once from the item
+        vectors and the prior; a replica builds it at start-up, add_items extends it."""
+        if self.cfg.index == "exact":
+            return None
+        self.item_vectors()
+        with self._swap:
+            if self._index is None:
+                self._index = IVFIndex(self._item_vecs.cpu().numpy(), self._model("retriever").cfg.temperature,
+                                       self._prior, nlist=self.cfg.index_nlist, nprobe=self.cfg.index_nprobe)
+            return self._index
+
     def retrieve(self, contexts: Sequence[Sequence[int]], k: int,
                  exclude: Sequence[Sequence[int]] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per context: (item rows, scores) of the top k, best first, ``exclude`` rows left out."""
+        """Per context: (item rows, scores) of the top k, best first, ``exclude`` rows left out
+        (``index="ivf"``: the approximate top k, each with its exact score)."""
+        index = self.build_index()
+        if index is not None:
+            users = self.user_vectors(contexts).cpu().numpy()
+            with self._swap:  # add_items extends the index under the same lock
+                return index.search(users, k, exclude)
         scores = self.retrieval_scores(contexts)
-        return [_top(scores[j], k, exclude[j] if exclude else ()) for j in range(len(contexts))]
+        return [top_k(scores[j], k, exclude[j] if exclude else ()) for j in range(len(contexts))]
 
     # --- ranker ---------------------------------------------------------------------------------
 
@@ -351,14 +383,3 @@ class Predictor:
         return out
 
 
-def _top(scores: np.ndarray, k: int, exclude: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of the k best scores (ties: lower row first), excluded rows left out."""
-    s = scores.astype(np.float64, copy=True)
-    if len(exclude):
-        s[np.asarray(list(exclude), dtype=np.int64)] = -np.inf
-    k = min(k, int(np.isfinite(s).sum()))
-    if k <= 0:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-    part = np.argpartition(-s, k - 1)[:k]
-    order = part[np.lexsort((part, -s[part]))]
-    return order.astype(np.int64), scores[order].astype(np.float32)

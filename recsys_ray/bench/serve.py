@@ -76,6 +76,7 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_CONFIG = REPO / "serve_configs" / "local-ranker.yaml"  # local.yaml + a Ranker deployment
+RETRIEVER_CONFIG = REPO / "serve_configs" / "local.yaml"  # mode=recommend: the retriever alone
 HOST = "127.0.0.1"  # the only address load is ever sent to
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 OFFLINE_TARGET = 0.8  # Serve pairs/s >= 0.8 x the offline predictor's best
@@ -97,7 +98,7 @@ class BenchServeConfig:
     data: str = "artifacts/ml-100k"  # prepared data: catalogue, user histories and profiles for requests
     retriever: str | None = None  # retriever checkpoint / run dir (None: untrained one made here)
     ranker: str | None = None  # ranker checkpoint / run dir (None: untrained one made here)
-    model: Literal["minilm", "tiny"] = "minilm"  # encoder of the made checkpoints (tiny: smoke runs)
+    model: Literal["minilm", "tiny", "minilm-random"] = "minilm"  # encoder of the made checkpoints (tiny: smoke runs; minilm-random: MiniLM's shape, random weights)
     max_context_tokens: int = 128  # made checkpoints: context cut (the `cpu` preset's)
     candidates: int = 20  # candidates per /v1/score request
     rerank_top: int = 20  # /v1/recommend shortlist the ranker rescores
@@ -111,6 +112,8 @@ class BenchServeConfig:
     cooldown_s: float = 45.0  # quiet seconds at the end (autoscaling down)
     offline_batch_sizes: list[int] = dataclasses.field(default_factory=lambda: [16, 64, 256])  # pairs per pass
     offline_pairs: int = 640  # pairs scored per offline measurement
+    mode: Literal["ranker", "recommend"] = "ranker"  # recommend: local.yaml's retriever-only /v1/recommend vs offline
+    recommend_concurrency: list[int] = dataclasses.field(default_factory=lambda: [1, 8])  # mode=recommend clients
     quick: bool = False  # short points, fewer of them (a smoke run, not numbers to quote)
     gpu: bool = False  # model replicas / plain server / offline predictor on CUDA
     seed: int = 0
@@ -154,6 +157,7 @@ class Sample:
     status: int  # HTTP status; 0 = no response (connection error, timeout)
     pairs: int = 0  # scored (context, candidate) pairs when the status is 200
     batch: int | None = None  # X-Batch-Size: requests merged in the replica's batch
+    stages: dict[str, float] | None = None  # Server-Timing: ms per stage, as the app measured them
 
 
 def percentile(values, q: float) -> float | None:
@@ -176,6 +180,8 @@ def summarize(samples: list[Sample], window_s: float, dropped: int = 0) -> dict:
         return None if v is None else round(v * 1000, 2)
 
     batches = [s.batch for s in ok if s.batch is not None]
+    timed = [s.stages for s in ok if s.stages]
+    stage_names = list(dict.fromkeys(name for st in timed for name in st))
     return {
         "requests": n,
         "ok": len(ok),
@@ -190,6 +196,12 @@ def summarize(samples: list[Sample], window_s: float, dropped: int = 0) -> dict:
         "p99_503_ms": ms(99, shed),
         "max_ms": ms(100, samples),  # the slowest answer of any status: nothing may hang
         "mean_batch": round(float(np.mean(batches)), 2) if batches else None,
+        # mean ms per Server-Timing stage (a stage a request lacks counts 0 for it); what the
+        # client saw beyond the route's total is the HTTP proxy, the network and the client
+        "stages_ms": {name: round(float(np.mean([st.get(name, 0.0) for st in timed])), 2) for name in stage_names},
+        "outside_route_ms": (round(float(np.mean([s.latency_s * 1000 - s.stages["total"] for s in ok
+                                                  if s.stages and "total" in s.stages])), 2)
+                             if any(s.stages and "total" in s.stages for s in ok) else None),
     }
 
 
@@ -213,9 +225,24 @@ async def _post(session, url: str, body: dict) -> tuple[int, dict]:
         return 0, {}
 
 
+def parse_server_timing(header: str | None) -> dict[str, float] | None:
+    """``a;dur=1.5, b;dur=2`` -> ``{"a": 1.5, "b": 2.0}``; None without a (well-formed) header."""
+    if not header:
+        return None
+    out = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        try:
+            out[name] = float(dur)
+        except ValueError:
+            return None
+    return out
+
+
 def _sample(status: int, headers: dict, latency: float, pairs: int) -> Sample:
     batch = headers.get("x-batch-size")  # header names arrive lower-cased
-    return Sample(latency, status, pairs if status == 200 else 0, int(batch) if batch and batch.isdigit() else None)
+    return Sample(latency, status, pairs if status == 200 else 0, int(batch) if batch and batch.isdigit() else None,
+                  parse_server_timing(headers.get("server-timing")) if status == 200 else None)
 
 
 def _session(connections: int):
@@ -323,14 +350,31 @@ def make_checkpoints(cfg: BenchServeConfig, root: Path) -> dict[str, str]:
     for kind in ("retriever", "ranker"):
         # the retriever reads item tokens, as the `cpu` preset's does; the ranker reads text
         history = "items" if kind == "retriever" else "text"
-        mc = (ModelConfig(kind=kind, tiny=dict(TINY), history=history) if cfg.model == "tiny"
-              else ModelConfig(kind=kind, encoder="default", history=history))
+        mc = ModelConfig(kind=kind, encoder="default", history=history,
+                         tiny=encoder_shape(cfg.model))
         model = kinds.from_config(mc, tokenizer=tokenizer, item_tokens=catalogue.tokens)
         path = model.save(root / kind, extra={"text": manifest["text"], "untrained": True,
                                               "train_config": {"max_context_tokens": cfg.max_context_tokens}})
         catalogue.save(path / CATALOGUE_FILE)
         out[kind] = str(path)
     return out
+
+
+def encoder_shape(model: str) -> dict | None:
+    """``tiny``: TINY; ``minilm-random``: the default encoder's architecture (its config.json) with
+    random weights - same speed as the pretrained one, no weight file needed; ``minilm``: None."""
+    if model == "tiny":
+        return dict(TINY)
+    if model == "minilm-random":
+        from transformers import BertConfig
+
+        from recsys_ray.model.tokenizer import resolve_encoder_path
+
+        full = BertConfig.from_pretrained(resolve_encoder_path("default")).to_dict()
+        keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings", "type_vocab_size", "hidden_act", "layer_norm_eps")
+        return {k: full[k] for k in keys}
+    return None
 
 
 def request_bodies(data: str, catalogue_ids: list[str], candidates: int, seed: int, limit: int = 2000) -> list[dict]:
@@ -737,6 +781,74 @@ def _ratio(a, b) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
+def offline_recommend(ckpt: str, bodies: list[dict], config: dict, batches: tuple[int, ...] = (1, 8, 16),
+                      users: int = 96) -> dict:
+    """users/s of ``Predictor.recommend`` (k 10, history excluded) with local.yaml's settings on one
+    torch thread (the Retriever replica's), ``b`` users per call for each b: the offline ceiling."""
+    args = config["applications"][0]["args"]
+    threads_before = torch.get_num_threads()
+    p = Predictor(PredictorConfig(retriever=ckpt, batch_size=args["forward_batch_size"], torch_threads=1,
+                                  popularity_weight=args.get("popularity_weight", 0.0)))
+    try:
+        ctx = [p.user_inputs(b["user"]) for b in bodies[:users]]
+        excl = [p.items.rows(b["user"].get("history") or []) for b in bodies[:users]]
+        p.recommend(ctx[:16], 10, excl[:16])  # warm-up: item vectors, kernels
+        out = {}
+        for b in batches:
+            t = _best_seconds("cpu", lambda b=b: [p.recommend(ctx[i:i + b], 10, excl[i:i + b]) for i in range(0, len(ctx), b)])
+            out[f"users_per_s_{b}_per_call"] = round(len(ctx) / t, 2)
+        out["best_users_per_s"] = max(out.values())
+        out["ms_per_user_alone"] = round(1000 / out["users_per_s_1_per_call"], 2)
+        return out
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def run_recommend(cfg: BenchServeConfig, ckpt: dict[str, str], rec_bodies: list[dict]) -> dict:
+    """mode=recommend: local.yaml (Retriever only) on the run's checkpoint, closed loops on
+    /v1/recommend at each of ``recommend_concurrency``, with each point's Server-Timing stages."""
+    config = yaml.safe_load(RETRIEVER_CONFIG.read_text())
+    out: dict = {"offline": offline_recommend(ckpt["retriever"], rec_bodies, config), "closed": {}}
+    log.info("offline recommend: %s", out["offline"])
+    init_ray()
+    port = free_port(HOST)
+    config["http_options"].update(host=HOST, port=port, request_timeout_s=REQUEST_TIMEOUT_S)
+    config["applications"][0]["args"]["checkpoint"] = ckpt["retriever"]
+    t0 = time.perf_counter()
+    deploy_config(config)
+    out["startup_s"] = round(time.perf_counter() - t0, 1)
+    try:
+        for c in cfg.recommend_concurrency:
+            r = asyncio.run(closed_loop(f"http://{HOST}:{port}/v1/recommend", rec_bodies, c, cfg.warmup_s,
+                                        cfg.duration_s, 1))
+            r["over_offline_best"] = _ratio(r["rps"], out["offline"]["best_users_per_s"])
+            out["closed"][str(c)] = r
+            log.info("serve /v1/recommend c=%d: %s; stages %s, outside the route %s ms", c, _brief(r),
+                     r["stages_ms"], r["outside_route_ms"])
+    finally:
+        serve.shutdown()
+    out["serve_config"] = config
+    return out
+
+
+def recommend_markdown(res: dict) -> str:
+    """mode=recommend: served vs offline users/s, and where a request's time went."""
+    off, closed = res["recommend"]["offline"], res["recommend"]["closed"]
+    names = list(dict.fromkeys(k for r in closed.values() for k in (r.get("stages_ms") or {})))
+    lines = [f"Command: `{res['command']}`  ", f"{res['date']}, {res['machine']['cpus']} CPUs, Ray {res['machine']['ray']}; "
+             f"wall time {res['wall_s']:.0f} s.", "",
+             "| offline Predictor.recommend (1 thread) | users/s |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in off.items()]
+    lines += ["", "| /v1/recommend | req/s | x offline best | p50 ms | p99 ms | " + " | ".join(names) + " | outside the route |",
+              "|---|---|---|---|---|" + "---|" * (len(names) + 1)]
+    for c, r in closed.items():
+        st = r.get("stages_ms") or {}
+        lines.append(f"| {_clients(c)} | {_fmt(r['rps'], 2)} | {_fmt(r['over_offline_best'], 3)} | {_fmt(r['p50_ms'], 1)} "
+                     f"| {_fmt(r['p99_ms'], 1)} | " + " | ".join(_fmt(st.get(k), 1) for k in names)
+                     + f" | {_fmt(r.get('outside_route_ms'), 1)} |")
+    return "\n".join(lines) + "\n"
+
+
 def run_bench_serve(cfg: BenchServeConfig, command: str = "") -> dict:
     """Every measurement above; OUTPUT/results.json + results.md; returns the job's summary."""
     if cfg.gpu and not torch.cuda.is_available():
@@ -761,6 +873,16 @@ def run_bench_serve(cfg: BenchServeConfig, command: str = "") -> dict:
         catalogue = Catalogue.load(ckpt["retriever"])
         bodies = request_bodies(cfg.data, catalogue.ids, cfg.candidates, cfg.seed)
         rec_bodies = [{"user": b["user"], "k": 10} for b in bodies]
+        if cfg.mode == "recommend":
+            rec = run_recommend(cfg, ckpt, rec_bodies)
+            results = {"command": command, "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                       "machine": {"cpus": os.cpu_count(), "busy_cpus_before": busy, "ray": ray.__version__},
+                       "config": to_dict(cfg), "recommend": rec, "wall_s": round(time.perf_counter() - started, 1)}
+            (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+            (out_dir / "results.md").write_text(recommend_markdown(results))
+            return {"output": publish(cfg.output, out_dir), "offline": rec["offline"],
+                    "recommend": {c: {k: r[k] for k in ("rps", "p50_ms", "p99_ms", "over_offline_best", "stages_ms")}
+                                  for c, r in rec["closed"].items()}}
         device = "cuda" if cfg.gpu else "cpu"
         offline = offline_throughput(ckpt, bodies, cfg, device)
         if cfg.single_candidate_compare:
@@ -910,6 +1032,23 @@ def _autoscaling_table(res: dict) -> list[str]:
     return lines
 
 
+def _stage_table(res: dict) -> list[str]:
+    """Where a request's time went (mean ms per Server-Timing stage; 'outside' = proxy + client)."""
+    points = [("plain FastAPI /v1/score", _clients(n), r) for n, r in res["plain"]["closed"].items()]
+    points += [("Ray Serve /v1/score", _clients(n), r) for n, r in res["serve"]["closed"].items()]
+    points.append(("Ray Serve /v1/recommend", "closed, 1 client", res["serve"]["recommend"]))
+    names = list(dict.fromkeys(k for _, _, r in points for k in (r.get("stages_ms") or {})))
+    if not names:
+        return []
+    lines = ["| server | load | p50 ms | " + " | ".join(names) + " | outside the route |",
+             "|---|---|---|" + "---|" * (len(names) + 1)]
+    for name, load, r in points:
+        st = r.get("stages_ms") or {}
+        lines.append(f"| {name} | {load} | {_fmt(r['p50_ms'], 1)} | " + " | ".join(_fmt(st.get(k), 1) for k in names)
+                     + f" | {_fmt(r.get('outside_route_ms'), 1)} |")
+    return lines
+
+
 def results_markdown(res: dict) -> str:
     """The tables of docs/benchmarks.md's Serving section."""
     m = res["machine"]
@@ -919,5 +1058,5 @@ def results_markdown(res: dict) -> str:
         f"load average before {', '.join(f'{x:.2f}' for x in m['loadavg_before'])}, "
         f"after {', '.join(f'{x:.2f}' for x in m['loadavg_after'])}. Wall time {res['wall_s']:.0f} s.",
     ]
-    sections = [head, _load_table(res), _ratio_table(res), _cpu_table(res), _autoscaling_table(res)]
+    sections = [head, _load_table(res), _stage_table(res), _ratio_table(res), _cpu_table(res), _autoscaling_table(res)]
     return "\n\n".join("\n".join(s) for s in sections if s) + "\n"

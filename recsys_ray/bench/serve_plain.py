@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import time
 
 import numpy as np
 import uvicorn
@@ -31,6 +32,7 @@ from recsys_ray.serve.api import (
     ScoreRequest,
     ScoreResponse,
     create_api,
+    record_stage,
     refusal,
     refusal_detail,
 )
@@ -46,15 +48,22 @@ class PlainBackend:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
 
     async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        """``fn(*args)`` in the model thread; its time is the request's ``model`` stage (queue included)."""
+        t0 = time.perf_counter()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        finally:
+            record_stage("model", (time.perf_counter() - t0) * 1000)
 
     def _inputs(self, user: dict, item_ids=None, texts=None, with_candidates: bool = True, kind: str | None = None):
+        t0 = time.perf_counter()
         try:
             ctx = self.predictor.user_inputs(user, kind)
             cands = self.predictor.candidates(item_ids, texts) if with_candidates else None
             exclude = self.predictor.items.rows(user.get("history") or [])
         except RecsysError as exc:
             raise ApiError(422, refusal_detail(refusal(exc))) from None
+        record_stage("prep", (time.perf_counter() - t0) * 1000)
         return ctx, cands, exclude
 
     async def score(self, req: ScoreRequest) -> tuple[ScoreResponse, int]:
@@ -96,9 +105,10 @@ def build_plain_app(args: AppArgs) -> tuple:
         retriever=args.checkpoint, ranker=args.ranker_checkpoint, items=args.items or args.checkpoint,
         device=resolve_device(args.device), batch_size=args.forward_batch_size, rerank_top=args.rerank_top,
         popularity_weight=args.popularity_weight, max_context_tokens=args.max_context_tokens,
-        torch_threads=args.torch_threads, precision=args.precision,
+        torch_threads=args.torch_threads, precision=args.precision, index=args.index, index_nprobe=args.index_nprobe,
     ))
     predictor.item_vectors()  # like the Retriever replica: loaded before the first request
+    predictor.build_index()
     return create_api(PlainBackend(predictor, args), title="recsys_ray (plain)"), predictor
 
 

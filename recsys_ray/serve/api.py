@@ -15,11 +15,13 @@ raw bytes then failed to render and became a 500.
 
 
 import collections
+import contextvars
 import hashlib
 import hmac
 import json
 import os
 import re
+import time
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
@@ -42,6 +44,41 @@ from recsys_ray.errors import ConfigError, UnknownItems
 from recsys_ray.predict import MAX_TEXT_TOKENS
 
 BATCH_HEADER = "X-Batch-Size"  # how many requests the replica merged into this one's batch
+TIMING_HEADER = "Server-Timing"  # per-stage milliseconds of this request (W3C Server Timing; browsers show it)
+MODEL_MS_HEADER = "X-Model-Ms"  # milliseconds inside the models' forward passes (the *-model stages)
+_stages: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar("recsys_stages", default=None)
+
+
+def record_stage(name: str, ms: float) -> None:
+    """Add ``ms`` to stage ``name`` of the request the current task answers (nothing outside a route)."""
+    stages = _stages.get()
+    if stages is not None:
+        stages[name] = stages.get(name, 0.0) + ms
+
+
+def timing_headers(batch: int, stages: dict[str, float], total_ms: float) -> dict[str, str]:
+    """``X-Batch-Size``, ``Server-Timing`` (each stage, then ``total``) and ``X-Model-Ms``.
+
+    Stage names: ``<model>-prep`` (tokenizing the user and candidates in the replica),
+    ``<model>-wait`` (queued for its ``@serve.batch``), ``<model>-model`` (the batch's forward pass
+    and top k: shared by every request of the batch), ``<model>-hops`` (the rest of the handle
+    call: routing, serialization, the replica's queue); ``total`` = the route's own time (the HTTP
+    proxy's time is outside it)."""
+    parts = [f"{name};dur={ms:.2f}" for name, ms in stages.items()] + [f"total;dur={total_ms:.2f}"]
+    model = sum(ms for name, ms in stages.items() if name.endswith("model"))
+    return {BATCH_HEADER: str(batch), TIMING_HEADER: ", ".join(parts), MODEL_MS_HEADER: f"{model:.2f}"}
+
+
+async def timed(call) -> tuple[Any, int, dict[str, str]]:
+    """Await ``call`` (a backend coroutine returning ``(response, batch)``) with a fresh stage record."""
+    t0 = time.perf_counter()
+    token = _stages.set({})
+    try:
+        out, batch = await call
+        stages = dict(_stages.get() or {})
+    finally:
+        _stages.reset(token)
+    return out, batch, timing_headers(batch, stages, (time.perf_counter() - t0) * 1000)
 RETRY_AFTER_S = 1  # what a 503 under overload tells the client to wait
 
 
@@ -67,7 +104,9 @@ class AppArgs(BaseModel):
     max_context_tokens: int | None = Field(None, ge=8, description="default: what the checkpoint trained with")
     popularity_weight: float = Field(0.0, ge=0.0, description="retriever popularity prior beta")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per model replica (default: torch's)")
-    precision: Literal["fp32", "int8"] = Field("fp32", description="int8: dynamic quantization of the encoders' linear layers (CPU replicas)")
+    precision: Literal["fp32", "int8", "bf16", "fp16"] = Field("fp32", description="int8: dynamic quantization of the encoders' linear layers (CPU replicas); bf16 / fp16: half-precision encoders (GPU replicas)")
+    index: Literal["exact", "ivf"] = Field("exact", description="retriever top k: exact (every item scored) or ivf (approximate faiss IVF index built when a replica loads; from about 10^5 items, docs/benchmarks.md)")
+    index_nprobe: int = Field(32, ge=1, le=65536, description="ivf: index groups searched per user (more = closer to exact, slower)")
     s3_endpoint: str | None = Field(None, description="S3-compatible store for s3:// checkpoints (default: AWS_ENDPOINT_URL(_S3), else AWS)")
     api_keys_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="name of an environment variable (on the ingress replicas' nodes) holding the accepted API keys, comma or whitespace separated; with it or api_keys_file every route but /healthz needs a key")
     api_keys_file: str | None = Field(None, description="a file on the ingress replicas' nodes (e.g. a mounted Kubernetes secret) with the accepted API keys, one per line; read at replica start")
@@ -437,16 +476,16 @@ def create_api(backend: Backend, title: str = "recsys_ray") -> FastAPI:
         """One score per candidate, in the request's order (ranker if loaded, else retriever)."""
         if len(req.candidates) > limits.max_candidates:
             raise ApiError(413, f"{len(req.candidates)} candidates; at most {limits.max_candidates} per request")
-        out, batch = await backend.score(req)
-        return JSONResponse(out.model_dump(), headers={BATCH_HEADER: str(batch)})
+        out, _, headers = await timed(backend.score(req))
+        return JSONResponse(out.model_dump(), headers=headers)
 
     @app.post("/v1/recommend", response_model=RecommendResponse)
     async def recommend(req: RecommendRequest) -> JSONResponse:
         """Top k of the catalogue: retrieve, rerank the shortlist with the ranker if there is one."""
         if req.k > limits.max_k:
             raise ApiError(422, f"k={req.k} is more than max_k={limits.max_k}")
-        out, batch = await backend.recommend(req)
-        return JSONResponse(out.model_dump(), headers={BATCH_HEADER: str(batch)})
+        out, _, headers = await timed(backend.recommend(req))
+        return JSONResponse(out.model_dump(), headers=headers)
 
     @app.post("/v1/items", response_model=AddItemsResponse)
     async def add_items(req: AddItemsRequest) -> JSONResponse:

@@ -65,6 +65,7 @@ from recsys_ray.serve.api import (
     ScoreResponse,
     create_api,
     overloaded,
+    record_stage,
     refusal,
     refusal_detail,
 )
@@ -74,6 +75,30 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_SIZE = 16
 DEFAULT_BATCH_WAIT_S = 0.005
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+class ReplicaMetrics:
+    """Ray metrics of a model replica (exported with Ray's own on each node's metrics port; Serve
+    adds its request latency and counts): the size and forward-pass time of every batch."""
+
+    def __init__(self, kind: str):
+        from ray.util.metrics import Histogram
+
+        tags = {"model": kind}
+        self.batch_size = Histogram("recsys_batch_size", "requests merged into one forward pass",
+                                    boundaries=[1, 2, 4, 8, 16, 32, 64, 128], tag_keys=("model",))
+        self.model_ms = Histogram("recsys_model_ms", "milliseconds of one batch's forward pass and top k",
+                                  boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000], tag_keys=("model",))
+        self.batch_size.set_default_tags(tags)
+        self.model_ms.set_default_tags(tags)
+
+    def record(self, size: int, model_s: float) -> None:
+        self.batch_size.observe(size)
+        self.model_ms.observe(model_s * 1000)
 
 
 class BatchConfig(BaseModel):
@@ -99,7 +124,8 @@ class _ModelReplica:
 
     def _load(self, checkpoint_path: str, items: str | None, device: str, forward_batch_size: int,
               max_context_tokens: int | None, popularity_weight: float, torch_threads: int | None,
-              s3_endpoint: str | None = None, precision: str = "fp32") -> None:
+              s3_endpoint: str | None = None, precision: str = "fp32", index: str = "exact",
+              index_nprobe: int = 32) -> None:
         # check_args resolved local paths once, on the driver; the Predictor copies an s3:// one
         # here (once per node, credentials from this node's own chain); an s3:// catalogue is the
         # retriever's checkpoint (the Ranker's items)
@@ -110,11 +136,12 @@ class _ModelReplica:
             **{self.kind: checkpoint_path}, items=items, device=resolve_device(device),
             batch_size=forward_batch_size, max_context_tokens=max_context_tokens,
             popularity_weight=popularity_weight if self.kind == "retriever" else 0.0,
-            torch_threads=torch_threads, precision=precision,
+            torch_threads=torch_threads, precision=precision, index=index, index_nprobe=index_nprobe,
         )
         self.predictor = Predictor(cfg)
         self.checkpoint = checkpoint_path
         self.batches = collections.Counter()  # batch size -> how many batches
+        self.metrics = ReplicaMetrics(self.kind)
         # items added to the running app (POST /v1/items), the ones logged before this replica included
         self.item_sync = ItemSync(self.predictor, serve.get_replica_context().app_name)
         self.item_sync.apply_now()
@@ -153,7 +180,7 @@ class _ModelReplica:
         model = self.predictor.retriever if self.kind == "retriever" else self.predictor.ranker
         return {"kind": self.kind, "checkpoint": self.checkpoint, "resolved": self.predictor.origins[self.kind],
                 "loaded_from": str(model.source),
-                "items": len(self.predictor.items),
+                "items": len(self.predictor.items), "index": self.predictor.cfg.index,
                 "device": str(self.predictor.device), "replica": serve.get_replica_context().replica_id.unique_id,
                 **self.batch_config.model_dump()}
 
@@ -162,21 +189,30 @@ class _ModelReplica:
         return {"batches": dict(sorted(self.batches.items()))}
 
     async def _score(self, user: dict, item_ids: list[str] | None, texts: list[str] | None) -> dict:
+        t0 = time.perf_counter()
         try:
             ctx, cands = await self._with_items(
                 lambda: (self.predictor.user_inputs(user), self.predictor.candidates(item_ids, texts)))
         except RecsysError as exc:
             return refusal(exc)
-        scores, batch = await self._score_batch((ctx, cands))
-        return {"scores": scores.tolist(), "batch_size": batch}
+        t1 = time.perf_counter()
+        scores, batch, timing = await self._score_batch((ctx, cands, t1))
+        return {"scores": scores.tolist(), "batch_size": batch, "timing": {"prep": _ms(t1 - t0), **timing}}
+
+    def _batch_done(self, size: int, queued: list[float], started: float, model_s: float) -> list[dict]:
+        """Per request of a batch: its wait for the batch and the batch's model time (ms); metrics."""
+        self.batches[size] += 1
+        self.metrics.record(size, model_s)
+        return [{"wait": _ms(started - q), "model": _ms(model_s)} for q in queued]
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
-    async def _score_batch(self, requests: list[tuple[list[int], list[list[int]]]]) -> list[tuple[np.ndarray, int]]:
+    async def _score_batch(self, requests: list[tuple[list[int], list[list[int]], float]]) -> list:
         """Every request's candidates in one ``score_many`` call; each gets its slice back."""
-        self.batches[len(requests)] += 1
+        started = time.perf_counter()
         # a worker thread: the event loop keeps accepting requests (the next batch) meanwhile
         out = await asyncio.to_thread(self.predictor.score_many, [r[0] for r in requests], [r[1] for r in requests])
-        return [(s, len(requests)) for s in out]
+        timing = self._batch_done(len(requests), [r[2] for r in requests], started, time.perf_counter() - started)
+        return [(s, len(requests), t) for s, t in zip(out, timing, strict=True)]
 
 
 # defaults of both model deployments (a Serve config file overrides any of them)
@@ -214,14 +250,17 @@ class Ranker(_ModelReplica):
 
     async def score_rows(self, user: dict, rows: list[int]) -> dict:
         """Ranker scores of catalogue rows (the retriever's shortlist) for one user."""
+        t0 = time.perf_counter()
         try:
             ctx = await self._with_items(lambda: self.predictor.user_inputs(user))
             if rows and max(rows) >= len(self.predictor.items):  # items the retriever has and this replica not yet
                 await self.item_sync.sync(force=True)
+            cands = self.predictor.candidate_ids(rows)
         except RecsysError as exc:
             return refusal(exc)
-        scores, batch = await self._score_batch((ctx, self.predictor.candidate_ids(rows)))
-        return {"scores": scores.tolist(), "batch_size": batch}
+        t1 = time.perf_counter()
+        scores, batch, timing = await self._score_batch((ctx, cands, t1))
+        return {"scores": scores.tolist(), "batch_size": batch, "timing": {"prep": _ms(t1 - t0), **timing}}
 
 
 @serve.deployment(**MODEL_DEPLOYMENT_OPTIONS)
@@ -233,10 +272,11 @@ class Retriever(_ModelReplica):
     def __init__(self, checkpoint: str, items: str | None = None, device: str = "auto",
                  forward_batch_size: int = 128, max_context_tokens: int | None = None,
                  popularity_weight: float = 0.0, torch_threads: int | None = None, s3_endpoint: str | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", index: str = "exact", index_nprobe: int = 32):
         self._load(checkpoint, items, device, forward_batch_size, max_context_tokens, popularity_weight,
-                   torch_threads, s3_endpoint, precision)
+                   torch_threads, s3_endpoint, precision, index, index_nprobe)
         self.predictor.item_vectors()  # (I, H), before the first request: readiness means loaded
+        self.predictor.build_index()  # index="ivf": the approximate index too (None for exact)
 
     def _batch_handlers(self) -> list:
         return [self._score_batch, self._retrieve_batch]
@@ -246,26 +286,31 @@ class Retriever(_ModelReplica):
         return await self._score(user, item_ids, texts)
 
     async def retrieve(self, user: dict, n: int, exclude_history: bool = True) -> dict:
-        """Top ``n`` catalogue rows for one user: ``{"rows", "item_ids", "texts", "scores", "batch_size"}``."""
+        """Top ``n`` catalogue rows for one user: ``{"rows", "item_ids", "texts", "scores", "batch_size", "timing"}``."""
+        t0 = time.perf_counter()
         try:
             ctx, exclude = await self._with_items(lambda: (
                 self.predictor.user_inputs(user),
                 self.predictor.items.rows(user.get("history") or []) if exclude_history else []))
         except RecsysError as exc:
             return refusal(exc)
-        (rows, scores), batch = await self._retrieve_batch((ctx, int(n), exclude))
+        t1 = time.perf_counter()
+        (rows, scores), batch, timing = await self._retrieve_batch((ctx, int(n), exclude, t1))
         items = self.predictor.items
         return {"rows": rows.tolist(), "item_ids": [items.ids[r] for r in rows],
-                "texts": [items.texts[r] for r in rows], "scores": scores.tolist(), "batch_size": batch}
+                "texts": [items.texts[r] for r in rows], "scores": scores.tolist(), "batch_size": batch,
+                "timing": {"prep": _ms(t1 - t0), **timing}}
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
-    async def _retrieve_batch(self, requests: list[tuple[list[int], int, list[int]]]) -> list:
+    async def _retrieve_batch(self, requests: list[tuple[list[int], int, list[int], float]]) -> list:
         """One encoder pass for all users, one (B, I) matrix product, a top n per user."""
-        self.batches[len(requests)] += 1
+        started = time.perf_counter()
         n = max(r[1] for r in requests)
         out = await asyncio.to_thread(self.predictor.retrieve, [r[0] for r in requests], n, [r[2] for r in requests])
+        timing = self._batch_done(len(requests), [r[3] for r in requests], started, time.perf_counter() - started)
         # the top n of a user's top max-n list is its own top n (same order, ties by row)
-        return [((rows[: r[1]], s[: r[1]]), len(requests)) for r, (rows, s) in zip(requests, out, strict=True)]
+        return [((rows[: r[1]], s[: r[1]]), len(requests), t)
+                for r, (rows, s), t in zip(requests, out, timing, strict=True)]
 
 
 class ServeBackend:
@@ -274,7 +319,11 @@ class ServeBackend:
     def __init__(self, retriever: DeploymentHandle, ranker: DeploymentHandle | None, args: AppArgs):
         self.retriever, self.ranker, self.args = retriever, ranker, args
 
-    async def _call(self, method, *args, **kwargs) -> dict:
+    async def _call(self, stage: str, method, *args, **kwargs) -> dict:
+        """``method.remote(*args, **kwargs)`` of a model deployment; its time goes to the request's
+        Server-Timing as ``<stage>-prep / -wait / -model`` (what the replica measured) and
+        ``<stage>-hops`` (the rest of the call: routing, serialization, the replica's queue)."""
+        t0 = time.perf_counter()
         for attempt in (1, 2):
             try:
                 out = await method.remote(*args, **kwargs)
@@ -291,29 +340,33 @@ class ServeBackend:
                     raise overloaded("a model replica went away") from None
         if "error" in out:
             raise ApiError(422, refusal_detail(out))
+        inside = out.get("timing") or {}
+        for name, ms in inside.items():
+            record_stage(f"{stage}-{name}", ms)
+        record_stage(f"{stage}-hops", max(0.0, _ms(time.perf_counter() - t0) - sum(inside.values())))
         return out
 
     async def score(self, req: ScoreRequest) -> tuple[ScoreResponse, int]:
         target, model = (self.ranker, "ranker") if self.ranker is not None else (self.retriever, "retriever")
-        out = await self._call(target.score, req.user.model_dump(), req.item_ids, req.texts)
+        out = await self._call(model, target.score, req.user.model_dump(), req.item_ids, req.texts)
         return ScoreResponse(model=model, scores=out["scores"]), out["batch_size"]
 
     async def recommend(self, req: RecommendRequest) -> tuple[RecommendResponse, int]:
         user = req.user.model_dump()
         n = max(req.k, self.args.rerank_top) if self.ranker is not None else req.k
-        got = await self._call(self.retriever.retrieve, user, n, req.exclude_history)
+        got = await self._call("retriever", self.retriever.retrieve, user, n, req.exclude_history)
         if self.ranker is None or not got["rows"]:
             items = [RecommendedItem(item_id=i, text=t, score=s)
                      for i, t, s in zip(got["item_ids"], got["texts"], got["scores"], strict=True)]
             return RecommendResponse(model="retriever", items=items), got["batch_size"]
-        ranked = await self._call(self.ranker.score_rows, user, got["rows"])
+        ranked = await self._call("ranker", self.ranker.score_rows, user, got["rows"])
         scores = np.asarray(ranked["scores"])
         items = [RecommendedItem(item_id=got["item_ids"][j], text=got["texts"][j], score=float(scores[j]))
                  for j in rerank_order(scores, req.k)]
         return RecommendResponse(model="retriever+ranker", items=items), ranked["batch_size"]
 
     async def add_items(self, req: AddItemsRequest) -> AddItemsResponse:
-        out = await self._call(self.retriever.add_items, [it.model_dump() for it in req.items])
+        out = await self._call("retriever", self.retriever.add_items, [it.model_dump() for it in req.items])
         return AddItemsResponse(added=out["added"], items=out["items"])
 
     async def ready(self) -> tuple[bool, dict]:
@@ -458,8 +511,8 @@ def app_from_args(args: AppArgs, options: dict[str, dict] | None = None) -> Appl
     common = {"device": args.device, "forward_batch_size": args.forward_batch_size,
               "max_context_tokens": args.max_context_tokens, "torch_threads": args.torch_threads,
               "s3_endpoint": args.s3_endpoint, "precision": args.precision}
-    retriever = opts(Retriever).bind(args.checkpoint, items=args.items,
-                                     popularity_weight=args.popularity_weight, **common)
+    retriever = opts(Retriever).bind(args.checkpoint, items=args.items, popularity_weight=args.popularity_weight,
+                                     index=args.index, index_nprobe=args.index_nprobe, **common)
     ranker = None
     if args.ranker_checkpoint:
         # the retriever's catalogue for both: a row means the same item in both deployments

@@ -15,6 +15,8 @@ REPO = Path(__file__).resolve().parents[2]
     ("bench_data.py", "sizes=[]", "sizes must be a non-empty list"),
     ("bench_train.py", "steps=0", "steps must be >= 1, got 0"),
     ("bench_serve.py", "duration_s=0", "duration_s must be > 0, got 0"),
+    ("bench_gpu.py", "sections=[train, nope]", "sections: unknown 'nope'"),
+    ("bench_ann.py", "sizes=[]", "sizes must be a non-empty list"),
 ])
 def test_bench_jobs_refuse_bad_config_before_anything_runs(job, bad, message, tmp_path):
     (tmp_path / "extra.yaml").write_text("output: " + str(tmp_path / "out") + "\n")

@@ -18,6 +18,7 @@ from recsys_ray.bench.serve import (
     make_checkpoints,
     offline_single_candidate,
     open_loop,
+    parse_server_timing,
     percentile,
     poisson_arrivals,
     ranker_batch_size,
@@ -44,6 +45,19 @@ def test_summarize_counts_rates_percentiles_and_refusals_by_hand():
     assert percentile([], 50) is None
     with pytest.raises(ValueError):
         summarize(ok, window_s=0)
+
+
+def test_server_timing_stages_are_averaged_per_point_by_hand():
+    assert parse_server_timing("retriever-model;dur=12.5, total;dur=20") == {"retriever-model": 12.5, "total": 20.0}
+    assert parse_server_timing(None) is None and parse_server_timing("total;dur=abc") is None
+    a = Sample(latency_s=0.030, status=200, stages={"retriever-prep": 1.0, "retriever-model": 10.0, "total": 20.0})
+    b = Sample(latency_s=0.050, status=200, stages={"retriever-model": 30.0, "ranker-model": 4.0, "total": 40.0})
+    c = Sample(latency_s=0.001, status=503)
+    r = summarize([a, b, c], window_s=1.0)
+    # a stage a request lacks counts 0 for it; outside the route = client latency - the route's total
+    assert r["stages_ms"] == {"retriever-prep": 0.5, "retriever-model": 20.0, "total": 30.0, "ranker-model": 2.0}
+    assert r["outside_route_ms"] == 10.0
+    assert summarize([c], window_s=1.0)["stages_ms"] == {} and summarize([c], window_s=1.0)["outside_route_ms"] is None
 
 
 def test_poisson_arrivals_have_the_asked_rate_and_are_reproducible():

@@ -82,6 +82,15 @@ def post(url: str, body, **kw) -> requests.Response:
     return requests.post(url, json=body, timeout=60, **kw)
 
 
+def server_timing(header: str) -> dict[str, float]:
+    """``a;dur=1.5, b;dur=2`` -> ``{"a": 1.5, "b": 2.0}`` (in the header's order)."""
+    out = {}
+    for part in header.split(","):
+        name, dur = part.strip().split(";dur=")
+        out[name] = float(dur)
+    return out
+
+
 def score_requests(ids: list[str]) -> list[dict]:
     """Eight users: histories, dict / text / no profiles, catalogue ids or free texts."""
     out = []
@@ -110,6 +119,10 @@ def test_served_scores_equal_the_offline_predictor_and_concurrent_requests_share
     assert [r.status_code for r in responses] == [200] * len(bodies), [r.text for r in responses]
     batch_sizes = [int(r.headers["X-Batch-Size"]) for r in responses]
     assert max(batch_sizes) > 1, f"no two requests were merged: {batch_sizes}"
+    # requests merged into one batch share its forward pass: the same ranker-model time
+    merged = [server_timing(r.headers["Server-Timing"])["ranker-model"] for r, b in zip(responses, batch_sizes, strict=True)
+              if b == max(batch_sizes)]
+    assert len(set(merged)) < len(merged), merged
 
     for body, r in zip(bodies, responses, strict=True):
         got = r.json()
@@ -133,6 +146,15 @@ def test_recommend_is_the_offline_two_stage_ranking_without_history_items(app, o
     assert got["model"] == "retriever+ranker"
     ids = [it["item_id"] for it in got["items"]]
     assert len(ids) == 10 and not set(ids) & set(history)
+
+    # where the time went: each model's stages (as its replica measured them), then the route's total
+    stages = server_timing(r.headers["Server-Timing"])
+    for model in ("retriever", "ranker"):
+        assert {f"{model}-{s}" for s in ("prep", "wait", "model", "hops")} <= set(stages), stages
+    assert list(stages)[-1] == "total" and all(ms >= 0 for ms in stages.values())
+    inside = sum(ms for name, ms in stages.items() if name != "total")
+    assert inside <= stages["total"] + 1.0  # the calls are awaited one after the other inside the route
+    assert float(r.headers["X-Model-Ms"]) == pytest.approx(stages["retriever-model"] + stages["ranker-model"], abs=0.02)
 
     ctx = offline.context_ids(history, {"age": 33})
     ((rows, scores),) = offline.recommend([ctx], 10, [offline.items.rows(history)])
