@@ -15,7 +15,7 @@ Sections (each timed and isolated: one that fails records its error and the next
 - ``ranker``: the cross-encoder's ``score_pairs`` pairs/s per precision and pairs per pass, and the
   model's own batching gain for one-candidate requests (``score_many`` 1 vs ``batch`` per call);
 - ``serve``: the served app (``serve_configs/local-ranker.yaml`` with GPU replicas, 0.5 GPU each):
-  ``/v1/score`` closed loop at each of ``concurrency``; ``@serve.batch`` off vs on with 20 and with
+  ``/v1/score`` closed loop at each of ``concurrency``; batching off vs on with 20 and with
   ONE candidate per request; ``/v1/recommend`` at one client; then the plain one-process FastAPI
   server with the same routes at the same concurrencies.
 

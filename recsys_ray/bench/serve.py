@@ -8,7 +8,7 @@ What runs (every load goes to 127.0.0.1, bounded in time and in count):
    process, one request at a time, every core for it), closed loop at each concurrency.
 3. **serve**: ``serve_configs/local-ranker.yaml`` (Ranker 1->2
    replicas of one torch thread each, Retriever 1 replica), deployed like ``serve run`` does:
-   closed loop at each concurrency; ``@serve.batch`` off vs on at one concurrency (``user_config``
+   closed loop at each concurrency; batching off vs on at one concurrency (``user_config``
    ``max_batch_size`` 1 vs the config's, changed in place); open loop (Poisson arrivals) at
    fractions of the best closed-loop rate - above 1x the bounded queues fill and the excess is
    refused with 503; ``/v1/recommend`` (retrieve + rerank ``rerank_top``) at one client; then a
@@ -103,7 +103,7 @@ class BenchServeConfig:
     candidates: int = 20  # candidates per /v1/score request
     rerank_top: int = 20  # /v1/recommend shortlist the ranker rescores
     concurrency: list[int] = dataclasses.field(default_factory=lambda: [1, 8, 32, 64])  # closed-loop clients
-    batch_compare_concurrency: int = 32  # @serve.batch off vs on at this many clients
+    batch_compare_concurrency: int = 32  # batching off vs on at this many clients
     single_candidate_compare: bool = True  # also batch off vs on with ONE candidate per request
     fixed_replicas: int = 2  # last point: the Ranker pinned at this many replicas vs plain (0 = skip)
     open_loop: list[float] = dataclasses.field(default_factory=lambda: [0.5, 3.0])  # x best closed-loop req/s
@@ -453,7 +453,7 @@ def offline_throughput(ckpt: dict[str, str], bodies: list[dict], cfg: BenchServe
 def offline_single_candidate(ckpt: dict[str, str], bodies: list[dict], batch: int, device: str,
                              requests: int = 96) -> dict:
     """The model's own batching gain for one-candidate requests: ``score_many`` one request per call
-    vs ``batch`` requests per call (what a Ranker replica's ``@serve.batch`` does), one torch thread
+    vs ``batch`` requests per call (what a Ranker replica's batcher does), one torch thread
     on CPU (a replica's share). No serving at all: the ceiling of Serve's batch on / off ratio."""
     threads_before = torch.get_num_threads()
     if not device.startswith("cuda"):
@@ -980,8 +980,8 @@ def _ratio_table(res: dict) -> list[str]:
         "",
         "| ratio | value |",
         "|---|---|",
-        f"| `@serve.batch` on / off, req/s at {c} clients | {_fmt(ratios['batch_on_over_off'], 2)} |",
-        f"| `@serve.batch` on / off, 1 candidate per request, pairs/s at {c} clients "
+        f"| batching on / off, req/s at {c} clients | {_fmt(ratios['batch_on_over_off'], 2)} |",
+        f"| batching on / off, 1 candidate per request, pairs/s at {c} clients "
         f"(target >= 2) | {_fmt(ratios.get('batch_on_over_off_single_candidate'), 2)} |",
         f"| offline `score_many`, 1-candidate requests, {(off.get('single_candidate') or {}).get('batch', '-')} per call / 1 per call, "
         f"pairs/s, 1 thread (the model's own ceiling for the ratio above) | "

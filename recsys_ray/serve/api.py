@@ -60,7 +60,7 @@ def timing_headers(batch: int, stages: dict[str, float], total_ms: float) -> dic
     """``X-Batch-Size``, ``Server-Timing`` (each stage, then ``total``) and ``X-Model-Ms``.
 
     Stage names: ``<model>-prep`` (tokenizing the user and candidates in the replica),
-    ``<model>-wait`` (queued for its ``@serve.batch``), ``<model>-model`` (the batch's forward pass
+    ``<model>-wait`` (queued for its batch), ``<model>-model`` (the batch's forward pass
     and top k: shared by every request of the batch), ``<model>-hops`` (the rest of the handle
     call: routing, serialization, the replica's queue); ``total`` = the route's own time (the HTTP
     proxy's time is outside it)."""

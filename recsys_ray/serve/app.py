@@ -8,11 +8,12 @@ Three deployments:
 
 - ``Retriever``: a :class:`~recsys_ray.predict.Predictor` over the retriever checkpoint; holds the
   item-vector matrix of the whole catalogue (computed in the constructor, so a replica is only
-  routed to once it is loaded). User encodings from concurrent requests are merged by
-  ``@serve.batch`` into one encoder pass, then one matrix product gives every user's top N.
+  routed to once it is loaded). User encodings from concurrent requests are merged (a
+  :class:`~recsys_ray.serve.batching.Batcher`) into one encoder pass, then one matrix product (or
+  the IVF index) gives every user's top N.
   Without a ranker it also answers ``/v1/score`` (scaled cosine).
 - ``Ranker`` (optional): a Predictor over the ranker checkpoint; the (context, candidate) pairs of
-  every request in a ``@serve.batch`` go through ``Predictor.score_many`` together (sorted by
+  every request of a batch go through ``Predictor.score_many`` together (sorted by
   length, cut into ``forward_batch_size`` rows per encoder pass) and each request gets its own
   slice back, in its order.
 - ``RecsysAPI``: the HTTP ingress (routes of :func:`recsys_ray.serve.api.create_api`).
@@ -69,6 +70,7 @@ from recsys_ray.serve.api import (
     refusal,
     refusal_detail,
 )
+from recsys_ray.serve.batching import Batcher
 from recsys_ray.serve.items import ItemSync
 
 log = logging.getLogger(__name__)
@@ -142,6 +144,8 @@ class _ModelReplica:
         self.checkpoint = checkpoint_path
         self.batches = collections.Counter()  # batch size -> how many batches
         self.metrics = ReplicaMetrics(self.kind)
+        # concurrent requests merged into one model call (serve/batching.py says why not @serve.batch)
+        self.score_batcher = Batcher(self._score_batch, DEFAULT_MAX_BATCH_SIZE, DEFAULT_BATCH_WAIT_S)
         # items added to the running app (POST /v1/items), the ones logged before this replica included
         self.item_sync = ItemSync(self.predictor, serve.get_replica_context().app_name)
         self.item_sync.apply_now()
@@ -166,7 +170,7 @@ class _ModelReplica:
         return []
 
     def reconfigure(self, user_config: dict) -> None:
-        """``user_config`` -> batch size / wait of every ``@serve.batch`` method, live."""
+        """``user_config`` -> batch size / wait of every batcher, live."""
         cfg = BatchConfig.model_validate(user_config or {})
         for handler in self._batch_handlers():
             handler.set_max_batch_size(cfg.max_batch_size)
@@ -196,7 +200,7 @@ class _ModelReplica:
         except RecsysError as exc:
             return refusal(exc)
         t1 = time.perf_counter()
-        scores, batch, timing = await self._score_batch((ctx, cands, t1))
+        scores, batch, timing = await self.score_batcher((ctx, cands, t1))
         return {"scores": scores.tolist(), "batch_size": batch, "timing": {"prep": _ms(t1 - t0), **timing}}
 
     def _batch_done(self, size: int, queued: list[float], started: float, model_s: float) -> list[dict]:
@@ -205,7 +209,6 @@ class _ModelReplica:
         self.metrics.record(size, model_s)
         return [{"wait": _ms(started - q), "model": _ms(model_s)} for q in queued]
 
-    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
     async def _score_batch(self, requests: list[tuple[list[int], list[list[int]], float]]) -> list:
         """Every request's candidates in one ``score_many`` call; each gets its slice back."""
         started = time.perf_counter()
@@ -242,7 +245,7 @@ class Ranker(_ModelReplica):
                    precision)
 
     def _batch_handlers(self) -> list:
-        return [self._score_batch]
+        return [self.score_batcher]
 
     async def score(self, user: dict, item_ids: list[str] | None = None, texts: list[str] | None = None) -> dict:
         """``{"scores": [...], "batch_size": n}`` or ``{"error": ...}`` for bad input."""
@@ -259,7 +262,7 @@ class Ranker(_ModelReplica):
         except RecsysError as exc:
             return refusal(exc)
         t1 = time.perf_counter()
-        scores, batch, timing = await self._score_batch((ctx, cands, t1))
+        scores, batch, timing = await self.score_batcher((ctx, cands, t1))
         return {"scores": scores.tolist(), "batch_size": batch, "timing": {"prep": _ms(t1 - t0), **timing}}
 
 
@@ -275,11 +278,12 @@ class Retriever(_ModelReplica):
                  precision: str = "fp32", index: str = "exact", index_nprobe: int = 32):
         self._load(checkpoint, items, device, forward_batch_size, max_context_tokens, popularity_weight,
                    torch_threads, s3_endpoint, precision, index, index_nprobe)
+        self.retrieve_batcher = Batcher(self._retrieve_batch, DEFAULT_MAX_BATCH_SIZE, DEFAULT_BATCH_WAIT_S)
         self.predictor.item_vectors()  # (I, H), before the first request: readiness means loaded
         self.predictor.build_index()  # index="ivf": the approximate index too (None for exact)
 
     def _batch_handlers(self) -> list:
-        return [self._score_batch, self._retrieve_batch]
+        return [self.score_batcher, self.retrieve_batcher]
 
     async def score(self, user: dict, item_ids: list[str] | None = None, texts: list[str] | None = None) -> dict:
         """Scaled cosine per candidate (used when the app has no ranker)."""
@@ -295,13 +299,12 @@ class Retriever(_ModelReplica):
         except RecsysError as exc:
             return refusal(exc)
         t1 = time.perf_counter()
-        (rows, scores), batch, timing = await self._retrieve_batch((ctx, int(n), exclude, t1))
+        (rows, scores), batch, timing = await self.retrieve_batcher((ctx, int(n), exclude, t1))
         items = self.predictor.items
         return {"rows": rows.tolist(), "item_ids": [items.ids[r] for r in rows],
                 "texts": [items.texts[r] for r in rows], "scores": scores.tolist(), "batch_size": batch,
                 "timing": {"prep": _ms(t1 - t0), **timing}}
 
-    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
     async def _retrieve_batch(self, requests: list[tuple[list[int], int, list[int], float]]) -> list:
         """One encoder pass for all users, one (B, I) matrix product, a top n per user."""
         started = time.perf_counter()
