@@ -29,6 +29,7 @@ import psutil
 import torch
 
 from recsys_ray.bench.common import busy_cpus, publish, work_dir
+from recsys_ray.bench.serve import _best_seconds
 from recsys_ray.config import build_config, to_dict
 from recsys_ray.index import IVFIndex, default_nlist, top_k
 
@@ -78,15 +79,6 @@ def clustered_unit_vectors(n: int, dim: int, centers: np.ndarray, rng: np.random
     return out
 
 
-def _best(fn, repeats: int = 2) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def exact_search(items: torch.Tensor, prior: np.ndarray, temperature: float, users: np.ndarray, k: int,
                  exclude: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
     """The Predictor's exact path: scores of every item, the prior, top k without the excluded rows."""
@@ -114,9 +106,9 @@ def bench_size(cfg: BenchAnnConfig, n: int, rng: np.random.Generator) -> dict:
     torch.set_num_threads(cfg.threads)
     faiss.omp_set_num_threads(cfg.threads)
     truth = exact_search(items, prior, cfg.temperature, users, cfg.k, exclude)
-    t_one = _best(lambda: [exact_search(items, prior, cfg.temperature, users[j:j + 1], cfg.k, exclude[j:j + 1])
+    t_one = _best_seconds("cpu", lambda: [exact_search(items, prior, cfg.temperature, users[j:j + 1], cfg.k, exclude[j:j + 1])
                            for j in range(cfg.users)])
-    t_batch = _best(lambda: [exact_search(items, prior, cfg.temperature, users[j:j + cfg.batch], cfg.k,
+    t_batch = _best_seconds("cpu", lambda: [exact_search(items, prior, cfg.temperature, users[j:j + cfg.batch], cfg.k,
                                           exclude[j:j + cfg.batch]) for j in range(0, cfg.users, cfg.batch)])
     out["exact"] = {"ms_per_user": round(1000 * t_one / cfg.users, 3),
                     "ms_per_user_batched": round(1000 * t_batch / cfg.users, 3)}
@@ -135,7 +127,7 @@ def bench_size(cfg: BenchAnnConfig, n: int, rng: np.random.Generator) -> dict:
     for nprobe in cfg.nprobes:
         index.index.nprobe = min(nprobe, index.nlist)
         got = index.search(users, cfg.k, exclude)
-        t_one = _best(lambda: [index.search(users[j:j + 1], cfg.k, exclude[j:j + 1]) for j in range(cfg.users)])  # noqa: B023 (called at once)
+        t_one = _best_seconds("cpu", lambda: [index.search(users[j:j + 1], cfg.k, exclude[j:j + 1]) for j in range(cfg.users)])  # noqa: B023 (called at once)
         res = {"ms_per_user": round(1000 * t_one / cfg.users, 3), f"recall_at_{cfg.k}": round(recall(got, truth, cfg.k), 4),
                "recall_at_10": round(recall(got, truth, 10), 4),
                "speedup_vs_exact": round(out["exact"]["ms_per_user"] / (1000 * t_one / cfg.users), 2)}

@@ -132,11 +132,6 @@ def preset_config(cfg: BenchGpuConfig, preset: str, device: str, **changes) -> T
     return load_train_config(data)
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _bench_train_config(cfg: BenchGpuConfig, tc: TrainConfig, device: str) -> btrain.BenchConfig:
     return btrain.BenchConfig(data=cfg.data, steps=cfg.steps, warmup_steps=cfg.warmup_steps,
                               batch_size=tc.batch_size, gpu=device == "cuda", output=cfg.output)
