@@ -19,21 +19,25 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-# MovieLens-100K -> prepared data -> the `cpu` preset (real MiniLM, ~8 min on 2 cores) -> the best
-# checkpoint copied to artifacts/models/retriever (what serve_configs/local.yaml serves) -> test-split
-# evaluation against popularity, EASE and the sequential Markov and SASRec (one SASRec seed here, a
-# few minutes; docs/quality.md reports three) (artifacts/eval/report.md); the evaluation job prints
-# the table (once) as it ends.
-# Re-running trains again under a new run name; DEMO_RUN=cpu resumes/extends the same run.
-DEMO_RUN ?= cpu-$(shell date +%Y%m%d-%H%M%S)
+# MovieLens-100K with a generated query per event (data/queries.py) -> prepared data -> the
+# `cpu-search` preset (the real MiniLM item-token retriever, one checkpoint for /v1/recommend and
+# /v1/search, ~12 min on 2 cores) -> the best checkpoint copied to artifacts/models/retriever (what
+# serve_configs/local.yaml serves, with this data's users on its /demo page) -> test-split
+# evaluation of recommendation against popularity, EASE and the sequential Markov and SASRec (one
+# SASRec seed here, a few minutes; docs/quality.md reports three) (artifacts/eval/report.md), then
+# the search table (BM25, zero-shot, query-filtered popularity, the model with and without the
+# user; artifacts/eval-search/report.md); each evaluation prints its table as it ends.
+# Re-running trains again under a new run name; DEMO_RUN=cpu-search resumes/extends the same run.
+DEMO_RUN ?= cpu-search-$(shell date +%Y%m%d-%H%M%S)
 demo: $(STAMP)
-	$(BIN)/python jobs/prepare_data.py --dataset movielens-100k --output $(ARTIFACTS)/ml-100k
-	$(BIN)/python jobs/train.py --config configs/cpu.yaml --set data=$(ARTIFACTS)/ml-100k --set name=$(DEMO_RUN) > $(ARTIFACTS)/demo-train.json
+	$(BIN)/python jobs/prepare_data.py --dataset movielens-100k --output $(ARTIFACTS)/ml-100k-q --set queries=metadata
+	$(BIN)/python jobs/train.py --config configs/cpu-search.yaml --set data=$(ARTIFACTS)/ml-100k-q --set name=$(DEMO_RUN) > $(ARTIFACTS)/demo-train.json
 	$(BIN)/python -m recsys_ray.train.report $(ARTIFACTS)/demo-train.json
 	rm -rf $(ARTIFACTS)/models/retriever && mkdir -p $(ARTIFACTS)/models
 	cp -r "$$($(BIN)/python -m recsys_ray.train.report --best-checkpoint $(ARTIFACTS)/demo-train.json)" $(ARTIFACTS)/models/retriever
-	@echo "evaluating on the test split; report: $(ARTIFACTS)/eval/report.md (plots next to it); serve it: serve run serve_configs/local.yaml"
-	$(BIN)/python jobs/evaluate.py --data $(ARTIFACTS)/ml-100k --checkpoint $(ARTIFACTS)/models/retriever --sasrec-seeds 1 --output $(ARTIFACTS)/eval > $(ARTIFACTS)/demo-eval.json
+	@echo "evaluating on the test split; report: $(ARTIFACTS)/eval/report.md (plots next to it); serve it: serve run serve_configs/local.yaml, then open http://127.0.0.1:8000/demo"
+	$(BIN)/python jobs/evaluate.py --data $(ARTIFACTS)/ml-100k-q --checkpoint $(ARTIFACTS)/models/retriever --sasrec-seeds 1 --output $(ARTIFACTS)/eval > $(ARTIFACTS)/demo-eval.json
+	$(BIN)/python jobs/evaluate.py --task search --data $(ARTIFACTS)/ml-100k-q --checkpoint $(ARTIFACTS)/models/retriever --output $(ARTIFACTS)/eval-search > $(ARTIFACTS)/demo-eval-search.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

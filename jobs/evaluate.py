@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="test events on the data's held-out cold items only, on the others, or all "
                              "(data prepared with --set cold_items=F); cold_users: the held-out users' rows "
                              "(--set cold_users=F), one row per number of known events")
+    parser.add_argument("--task", default="recommend", choices=["recommend", "search"],
+                        help="search: the personalised-search table (BM25, zero-shot, query-filtered popularity, "
+                             "the checkpoints' recommendation route, search with and without the user)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "int8", "bf16", "fp16"],
                         help="score with the models in this precision (int8: dynamic quantization, CPU; bf16/fp16: half-precision encoders, for GPUs)")
     parser.add_argument("--s3-endpoint", help="S3-compatible store (default: AWS_ENDPOINT_URL(_S3), else AWS)")
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
                 data=args.data, checkpoints=args.checkpoint, rankers=args.ranker, output=args.output,
                 rerank_top=args.rerank_top, sampled=args.sampled, max_users=args.max_users,
                 baselines=not args.no_baselines, s3_endpoint=args.s3_endpoint, precision=args.precision,
-                targets=args.targets,
+                targets=args.targets, task=args.task,
                 sequential=None if args.no_sequential else SequentialSettings(
                     sasrec_seeds=args.sasrec_seeds, sasrec_refit=not args.no_sasrec_refit),
             ))

@@ -35,6 +35,7 @@ import torch
 from recsys_ray import checkpoint
 from recsys_ray.data import text as T
 from recsys_ray.data.catalogue import CATALOGUE_FILE, Catalogue
+from recsys_ray.data.examples import MAX_QUERY_TOKENS
 from recsys_ray.data.tokenize import encode_texts
 from recsys_ray.errors import RecsysError
 from recsys_ray.index import INDEXES, IVFIndex, top_k
@@ -247,6 +248,23 @@ class Predictor:
     def example_contexts(self, batch: Mapping[str, Sequence], kind: str | None = None) -> list[list[int]]:
         """Contexts of prepared valid/test example rows for the model of role ``kind``."""
         return self._model(kind).example_contexts(batch, self.items, self.inputs)
+
+    @property
+    def searches(self) -> bool:
+        """Whether the retriever answers a typed query (:meth:`search_context`)."""
+        return self.retriever is not None and self.retriever.searches
+
+    def search_context(self, context: Sequence[int] | None, query: str) -> list[int]:
+        """Input ids of a search: a user's :meth:`context_ids` (None: no user, plain search) and the
+        query, cut to MAX_QUERY_TOKENS word pieces (never refused for its length)."""
+        if not self.searches:
+            raise RecsysError("this checkpoint was not trained for search (model.search_mix is 0): "
+                              "train one with --set model.search_mix=0.5 on logs with queries")
+        text = " ".join(str(query).split())
+        if not text:
+            raise RecsysError("query is empty")
+        qids = encode_texts(self.tokenizer, [text], MAX_QUERY_TOKENS)[0]
+        return self.retriever.search_context(context, qids, self.special)
 
     @property
     def scores_texts(self) -> bool:

@@ -146,6 +146,7 @@ def test_jobs_on_a_three_node_cluster_with_s3(cluster, prepared, tmp_path):
     config["http_options"]["port"] = http_port
     app = config["applications"][0]
     app["args"].update(checkpoint=f"s3://{BUCKET}/runs/cluster-cpu", popularity_weight=0.0)
+    app["args"].pop("demo_data")  # local.yaml's demo page reads make demo's data, not this test's
     for d in app["deployments"]:
         if d["name"] == "Retriever":
             d.update(num_replicas=2, ray_actor_options={"num_cpus": 0.25})

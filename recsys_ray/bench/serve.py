@@ -547,6 +547,7 @@ def bench_serve_config(cfg: BenchServeConfig, ckpt: dict[str, str], port: int, m
     config["http_options"].update(host=HOST, port=port, request_timeout_s=REQUEST_TIMEOUT_S)
     app = config["applications"][0]
     app["args"].update(checkpoint=ckpt["retriever"], ranker_checkpoint=ckpt["ranker"], rerank_top=cfg.rerank_top)
+    app["args"].pop("demo_data", None)  # the demo page's users: not part of what is measured
     deps = {d["name"]: d for d in app["deployments"]}
     if cfg.gpu:
         app["args"].update(device="auto", torch_threads=None, forward_batch_size=256)
@@ -814,6 +815,7 @@ def run_recommend(cfg: BenchServeConfig, ckpt: dict[str, str], rec_bodies: list[
     port = free_port(HOST)
     config["http_options"].update(host=HOST, port=port, request_timeout_s=REQUEST_TIMEOUT_S)
     config["applications"][0]["args"]["checkpoint"] = ckpt["retriever"]
+    config["applications"][0]["args"].pop("demo_data", None)
     t0 = time.perf_counter()
     deploy_config(config)
     out["startup_s"] = round(time.perf_counter() - t0, 1)

@@ -31,6 +31,7 @@ from recsys_ray.serve.api import (
     RecommendResponse,
     ScoreRequest,
     ScoreResponse,
+    SearchRequest,
     create_api,
     record_stage,
     refusal,
@@ -85,6 +86,20 @@ class PlainBackend:
                for r, s in zip(rows, scores, strict=True)]
         model = "retriever+ranker" if self.predictor.ranker is not None else "retriever"
         return RecommendResponse(model=model, items=out), 1
+
+    async def search(self, req: SearchRequest) -> tuple[RecommendResponse, int]:
+        p, user = self.predictor, req.user.model_dump() if req.user is not None else None
+        t0 = time.perf_counter()
+        try:
+            ctx = p.search_context(p.user_inputs(user) if user is not None else None, req.query)
+            exclude = p.items.rows(user.get("history") or []) if user is not None and req.exclude_history else []
+        except RecsysError as exc:
+            raise ApiError(422, refusal_detail(refusal(exc))) from None
+        record_stage("prep", (time.perf_counter() - t0) * 1000)
+        ((rows, scores),) = await self._run(p.retrieve, [ctx], req.k, [exclude])
+        out = [RecommendedItem(item_id=p.items.ids[r], text=p.items.texts[r], score=float(s))
+               for r, s in zip(rows, scores, strict=True)]
+        return RecommendResponse(model="retriever", items=out), 1
 
     async def add_items(self, req: AddItemsRequest) -> AddItemsResponse:
         try:

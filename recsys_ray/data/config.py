@@ -18,6 +18,9 @@ class ColumnMap:
     timestamp: str = "timestamp"  # event time: epoch number (see timestamp_unit) or ISO-8601 text
     event: str | None = None  # optional event-type column (click, purchase, rating, ...)
     value: str | None = None  # optional numeric column (rating, price, dwell time, ...)
+    # optional search-query column: an event with a query is a search event (the user typed it and
+    # acted on the item), one with an empty query a browsing event
+    query: str | None = None
 
 
 @dataclasses.dataclass
@@ -63,6 +66,9 @@ class DataConfig:
     items: str | None = None  # item catalogue file (generic logs): item_id + text columns
     users: str | None = None  # optional user profile file (generic logs): user_id + profile columns
     movielens_path: str | None = None  # GroupLens ml-100k folder or zip; None = RecBole wheel from PyPI
+    # movielens-100k has no query text: "metadata" gives every event a query generated from the
+    # target item's genres and release decade (never its title), seeded per event (data/queries.py)
+    queries: Literal["none", "metadata"] = "none"
     cache_dir: str | None = None  # download cache (default: $RECSYS_RAY_CACHE or ~/.cache/recsys_ray)
     columns: ColumnMap = dataclasses.field(default_factory=ColumnMap)  # log column names
     item_id_column: str = "item_id"  # id column of the item catalogue
@@ -103,6 +109,9 @@ class DataConfig:
             out.append("dataset must not be empty")
         if not self.output:
             out.append("output must not be empty")
+        if self.queries != "none" and self.dataset != "movielens-100k":
+            out.append(f"queries: {self.queries!r} generates queries for movielens-100k only; "
+                       "logs with query text name their column in columns.query")
         if self.cutoff is not None and cutoff_us(self.cutoff, self.timestamp_unit) is None:
             out.append(f"cutoff: {self.cutoff!r} is not a time (ISO-8601, or a number in timestamp_unit "
                        f"{self.timestamp_unit!r})")

@@ -19,6 +19,7 @@ from recsys_ray.data.layout import COLD_USER_EVENTS
 from recsys_ray.data.tokenize import ContextEncoder, encode_texts, list_column
 from recsys_ray.model.tokenizer import load_tokenizer
 
+MAX_QUERY_TOKENS = 32  # a longer query is cut by the tokenizer (here and in the Predictor), never refused
 SEQUENCE_SCHEMA = pa.schema(
     [
         ("user_id", pa.string()),
@@ -39,6 +40,8 @@ EXAMPLE_SCHEMA = pa.schema(
         ("profile_ids", pa.list_(pa.int32())),
         ("negative_item_ids", pa.list_(pa.string())),
         ("seen_item_ids", pa.list_(pa.string())),
+        ("query", pa.string()),  # the target event's query (null: a browsing event, or a log without queries)
+        ("query_ids", pa.list_(pa.int32())),  # its word pieces, no [CLS]/[SEP] (null without a query)
     ]
 )
 
@@ -55,6 +58,7 @@ def build_sequences(events: pa.Table, min_user_events: int) -> pa.Table:
     ``profile_text``; users with a profile but no event are dropped.
     """
     has_profiles = "profile_text" in events.column_names
+    has_queries = "query" in events.column_names
     profiles: dict[str, str] = {}
     if has_profiles:
         is_profile = pc.is_null(events["item_id"])
@@ -63,6 +67,8 @@ def build_sequences(events: pa.Table, min_user_events: int) -> pa.Table:
             profiles.setdefault(uid, text)
         events = events.filter(pc.invert(is_profile))
     schema = SEQUENCE_SCHEMA.append(pa.field("profile_text", pa.string())) if has_profiles else SEQUENCE_SCHEMA
+    if has_queries:  # aligned with item_ids: the query of each event (null = browsing)
+        schema = schema.append(pa.field("queries", pa.list_(pa.string())))
     if events.num_rows == 0:
         return schema.empty_table()
     order = pc.sort_indices(
@@ -74,7 +80,7 @@ def build_sequences(events: pa.Table, min_user_events: int) -> pa.Table:
             ("source_row", "ascending"),
         ],
     )
-    ev = events.select(["user_id", "item_id", "timestamp"]).take(order)
+    ev = events.select(["user_id", "item_id", "timestamp"] + (["query"] if has_queries else [])).take(order)
     users = ev["user_id"].combine_chunks()
     # group boundaries: where the user id changes in the sorted block
     change = np.flatnonzero(~np.asarray(pc.equal(users[1:], users[:-1]))) + 1
@@ -91,6 +97,8 @@ def build_sequences(events: pa.Table, min_user_events: int) -> pa.Table:
     }
     if has_profiles:
         data["profile_text"] = pa.array([profiles.get(u) for u in user_ids.to_pylist()], pa.string())
+    if has_queries:
+        data["queries"] = pa.ListArray.from_arrays(pa.array(offsets), ev["query"].combine_chunks())
     return pa.table(data, schema=schema)
 
 
@@ -111,8 +119,10 @@ def hold_out_items(sequences: pa.Table, cold: list[str]) -> pa.Table:
     Adds ``held_out`` (events removed per user) for the manifest's counts."""
     cold_set = set(cold)
     items_in, ts_in = sequences["item_ids"].to_pylist(), sequences["timestamps"].to_pylist()
-    items_out, ts_out, n_out, held = [], [], [], []
-    for items, ts, n in zip(items_in, ts_in, sequences["n_train"].to_pylist(), strict=True):
+    has_queries = "queries" in sequences.column_names
+    q_in = sequences["queries"].to_pylist() if has_queries else [None] * len(items_in)
+    items_out, ts_out, q_out, n_out, held = [], [], [], [], []
+    for items, ts, qs, n in zip(items_in, ts_in, q_in, sequences["n_train"].to_pylist(), strict=True):
         split = n == len(items) - 2
         body = items[:-1] if split else items
         keep = [j for j, i in enumerate(body) if i not in cold_set]
@@ -123,6 +133,7 @@ def hold_out_items(sequences: pa.Table, cold: list[str]) -> pa.Table:
             n_new = len(keep)
         items_out.append([items[j] for j in keep])
         ts_out.append([ts[j] for j in keep])
+        q_out.append([qs[j] for j in keep] if has_queries else None)
         n_out.append(n_new)
         held.append(len(items) - len(keep))
     out = sequences.set_column(sequences.schema.get_field_index("item_ids"), "item_ids",
@@ -130,6 +141,8 @@ def hold_out_items(sequences: pa.Table, cold: list[str]) -> pa.Table:
     out = out.set_column(out.schema.get_field_index("timestamps"), "timestamps",
                          pa.array(ts_out, sequences.schema.field("timestamps").type))
     out = out.set_column(out.schema.get_field_index("n_train"), "n_train", pa.array(n_out, pa.int64()))
+    if has_queries:
+        out = out.set_column(out.schema.get_field_index("queries"), "queries", pa.array(q_out, pa.list_(pa.string())))
     return out.append_column("held_out", pa.array(held, pa.int64()))
 
 
@@ -278,6 +291,7 @@ class ExampleBuilder:
         contexts_to_tokenize: list[int] = []
 
         cold = batch["cold_user"].to_pylist() if "cold_user" in batch.column_names else [False] * len(users)
+        queries = batch["queries"].to_pylist() if "queries" in batch.column_names else [None] * len(users)
         for u, (user, items, n_train) in enumerate(zip(users, item_lists, n_trains, strict=True)):
             idx = np.array([self.index[i] for i in items], dtype=np.int64)
             ptext, pids = profiles[u], profile_ids[u]
@@ -310,6 +324,7 @@ class ExampleBuilder:
                 cols["target_item_id"].append(items[pos])
                 cols["timestamp"].append(ts[pos])
                 cols["position"].append(pos)
+                cols["query"].append(queries[u][pos] if queries[u] is not None else None)
                 cols["context_text"].append(text)
                 cols["profile_ids"].append(pids)
                 if self.ctx.concat_ok:
@@ -328,7 +343,11 @@ class ExampleBuilder:
             ids = self.ctx.encode_texts([cols["context_text"][i] for i in contexts_to_tokenize])
             for i, x in zip(contexts_to_tokenize, ids, strict=True):
                 cols["context_ids"][i] = x
+        distinct = sorted({q for q in cols["query"] if q})
+        q_ids = dict(zip(distinct, encode_texts(self.ctx.tok, distinct, MAX_QUERY_TOKENS), strict=True)) if distinct else {}
+        cols["query_ids"] = [q_ids.get(q) if q else None for q in cols["query"]]
         data = {name: cols[name] for name in EXAMPLE_SCHEMA.names}
+        data["query_ids"] = pa.array(cols["query_ids"], pa.list_(pa.int32()))
         data["context_ids"] = list_column(cols["context_ids"])
         data["profile_ids"] = list_column(cols["profile_ids"])
         data["timestamp"] = pa.array(cols["timestamp"], pa.int64()).cast(pa.timestamp("us", tz="UTC"))

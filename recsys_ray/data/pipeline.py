@@ -155,7 +155,7 @@ def read_profiles(files: pa.Table, id_column: str, profile_columns: list[str]) -
                 }
             )
             if malformed:  # unparseable lines of a csv / jsonl user file; profile_text comes back null
-                rejects = malformed_rejects(malformed, ref.uri, f["file_idx"]).drop_columns(["event", "value"])
+                rejects = malformed_rejects(malformed, ref.uri, f["file_idx"]).drop_columns(["event", "value", "query"])
                 out = pa.concat_tables([out, rejects], promote_options="default")
             yield out
 
@@ -163,8 +163,9 @@ def read_profiles(files: pa.Table, id_column: str, profile_columns: list[str]) -
 PROFILE_COLUMNS = ["user_id", "item_id", "timestamp", "file_idx", "source_row", "profile_text"]
 
 
-def _accepted(t: pa.Table, with_profile: bool) -> pa.Table:
-    out = t.filter(pc.is_null(t["reason"])).select(["user_id", "item_id", "timestamp", "file_idx", "source_row"])
+def _accepted(t: pa.Table, with_profile: bool, with_query: bool = False) -> pa.Table:
+    cols = ["user_id", "item_id", "timestamp", "file_idx", "source_row"] + (["query"] if with_query else [])
+    out = t.filter(pc.is_null(t["reason"])).select(cols)
     if with_profile:  # same schema as the profile rows it is unioned with
         out = out.append_column("profile_text", pa.nulls(out.num_rows, pa.string()))
     return out
@@ -189,6 +190,10 @@ def _node_counts(t: pa.Table) -> pa.Table:
     return pa.table({NODE: counts.field("values"), "count": pc.cast(counts.field("counts"), pa.int64())})
 
 
+def _with_null_query(t: pa.Table) -> pa.Table:
+    return t.append_column("query", pa.nulls(t.num_rows, pa.string()))
+
+
 def _sequence_stats(t: pa.Table) -> pa.Table:
     n = pc.list_value_length(t["item_ids"])
     split = pc.cast(pc.equal(t["n_train"], pc.subtract(n, 2)), pa.int64())
@@ -201,6 +206,11 @@ def _sequence_stats(t: pa.Table) -> pa.Table:
             "profiles": pa.array(
                 [pc.sum(pc.cast(pc.is_valid(t["profile_text"]), pa.int64())).as_py() or 0
                  if "profile_text" in t.column_names else 0],
+                pa.int64(),
+            ),
+            "search_events": pa.array(
+                [pc.sum(pc.cast(pc.is_valid(pc.list_flatten(t["queries"])), pa.int64())).as_py() or 0
+                 if "queries" in t.column_names else 0],
                 pa.int64(),
             ),
         }
@@ -407,12 +417,16 @@ def _split_users(inp: Inputs, validated):
     events and profile - in one block, the guarantee Ray's own map_groups relies on; the per-user
     time order is then sorted inside each block."""
     with_profiles = bool(inp.user_refs)
+    with_query = bool(inp.src.columns.query)
     accepted = validated.map_batches(
-        _accepted, fn_kwargs={"with_profile": with_profiles}, batch_format="pyarrow", batch_size=None
+        _accepted, fn_kwargs={"with_profile": with_profiles, "with_query": with_query}, batch_format="pyarrow",
+        batch_size=None,
     )
     profile_counts: dict = {}
     if with_profiles:
         profiles, profile_counts = _read_profiles(inp)
+        if with_query:  # the union needs one schema: profile rows carry no query
+            profiles = profiles.map_batches(_with_null_query, batch_format="pyarrow", batch_size=None)
         accepted = accepted.union(profiles)
     sequences = (
         accepted.sort("user_id")
@@ -445,12 +459,13 @@ def _split_users(inp: Inputs, validated):
         cold_users = {"fraction": inp.cfg.cold_users, "seed": inp.cfg.seed, "users": held["users"],
                       "events": held["events"], "events_known": list(range(layout.COLD_USER_EVENTS))}
     # with profiles, sequences keep profile_text: history="items" models train from sequences
-    seq_columns = SEQUENCE_SCHEMA.names + (["profile_text"] if with_profiles else [])
+    seq_columns = (SEQUENCE_SCHEMA.names + (["profile_text"] if with_profiles else [])
+                   + (["queries"] if with_query else []))
     path, fs = layout.dataset_target(inp.out, layout.SEQUENCES)
     warm.select_columns(seq_columns).write_parquet(path, filesystem=fs)  # what training reads: no cold user
     stats = _sum_rows(
         warm.map_batches(_sequence_stats, batch_format="pyarrow", batch_size=None),
-        ["users", "events", "train_events", "split_users", "profiles"],
+        ["users", "events", "train_events", "split_users", "profiles", "search_events"],
     )
     stats["events_in_sequences"] = events_in_sequences
     stats["cold_items"] = cold
@@ -556,11 +571,14 @@ def _manifest(inp: Inputs, items: pa.Table, counts: dict, stats: dict, timings: 
             # user-file rows: read = rejected + duplicates_ignored + users_with_profile + profiles_without_events
             "user_rows": stats["profile_rows"],
             "events_by_split": {"train": stats["train_events"], "valid": split_users, "test": split_users},
+            # search events carry a query (columns.query, or DataConfig.queries); the others are browsing
+            "events_by_kind": {"search": stats["search_events"], "browse": stats["events"] - stats["search_events"]},
             "examples_by_split": example_counts,
             # events_accepted = train + valid + test events + these two (DataConfig.cold_items, cold_users)
             "cold_item_events_held_out": (stats["cold_items"] or {}).get("events_held_out", 0),
             "cold_user_events": (stats["cold_users"] or {}).get("events", 0),
         },
+        "queries": {"column": inp.src.columns.query, "generated": cfg.queries},
         "cold_users": stats["cold_users"],
         # the held-out items (ids, how chosen): evaluate --targets cold|warm reads them
         "cold_items": stats["cold_items"],

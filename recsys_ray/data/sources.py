@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from recsys_ray import storage
 from recsys_ray.config import to_dict
-from recsys_ray.data import layout, movielens, synthetic
+from recsys_ray.data import layout, movielens, queries, synthetic
 from recsys_ray.data import text as T
 from recsys_ray.data.config import ColumnMap, DataConfig
 from recsys_ray.data.files import FileRef, list_files, read_columns, read_table
@@ -48,13 +48,16 @@ def resolve_source(cfg: DataConfig, out: str) -> Source:
     src = layout.part_path(out, layout.SOURCE)
     if cfg.dataset == "movielens-100k":
         tables, desc = movielens.load_movielens(cfg.movielens_path, cfg.cache_dir)
+        if cfg.queries == "metadata":  # every event a search event, its query from the item's metadata
+            tables["events"] = tables["events"].append_column(
+                "query", queries.metadata_queries(tables["events"], tables["items"], cfg.seed))
         for name, table in tables.items():
             storage.write_parquet(table, storage.join(src, f"{name}.parquet"))
         return Source(
             events=storage.join(src, "events.parquet"),
             items=storage.join(src, "items.parquet"),
             users=storage.join(src, "users.parquet"),
-            columns=ColumnMap(value="rating"),
+            columns=ColumnMap(value="rating", query="query" if cfg.queries == "metadata" else None),
             format="parquet",
             timestamp_unit="s",
             item_id_column="item_id",

@@ -25,6 +25,7 @@ EVENT_SCHEMA = pa.schema(
         ("timestamp", pa.timestamp("us", tz="UTC")),
         ("event", pa.string()),
         ("value", pa.float64()),
+        ("query", pa.string()),  # null = a browsing event (no query column, or an empty query)
         ("source_file", pa.string()),
         ("file_idx", pa.int32()),
         ("source_row", pa.int64()),
@@ -54,7 +55,7 @@ def required_columns(columns: ColumnMap) -> list[str]:
 def log_columns(columns: ColumnMap) -> list[str]:
     """Every log column the pipeline reads (required + the optional mapped ones)."""
     out = required_columns(columns)
-    out += [c for c in (columns.event, columns.value) if c]
+    out += [c for c in (columns.event, columns.value, columns.query) if c]
     return out
 
 
@@ -150,6 +151,10 @@ def validate_batch(
         if columns.event and n
         else pa.nulls(n, pa.string())
     )
+    query = pa.nulls(n, pa.string())
+    if columns.query and n:
+        q = pc.utf8_trim_whitespace(pc.cast(table[columns.query], pa.string())).combine_chunks()
+        query = pc.if_else(pc.equal(q, ""), pa.scalar(None, pa.string()), q)
     if min_value is not None and n:
         reject(~(value >= min_value), "below_min_value",  # a missing value is no positive signal either
                show(pa.array(value), columns.value + "={!r} is below min_value=" + f"{min_value:g}"))
@@ -174,6 +179,7 @@ def validate_batch(
             "timestamp": pa.array(np.where(ok, us, 0), pa.int64()).cast(pa.timestamp("us", tz="UTC")),
             "event": event,
             "value": pa.array(value, pa.float64(), from_pandas=True),
+            "query": query,
             "source_file": pa.array([source_file] * n, pa.string()),
             "file_idx": pa.array(np.full(n, file_idx, np.int32)),
             "source_row": table["__row"].combine_chunks() if n else pa.array([], pa.int64()),
@@ -202,6 +208,7 @@ def malformed_rejects(malformed, source_file: str, file_idx: int) -> pa.Table:
             "timestamp": pa.nulls(m, pa.timestamp("us", tz="UTC")),
             "event": pa.nulls(m, pa.string()),
             "value": pa.nulls(m, pa.float64()),
+            "query": pa.nulls(m, pa.string()),
             "source_file": pa.array([source_file] * m, pa.string()),
             "file_idx": pa.array(np.full(m, file_idx, np.int32)),
             "source_row": pa.array([r for r, _, _ in malformed], pa.int64()),

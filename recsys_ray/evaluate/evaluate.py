@@ -77,6 +77,8 @@ class EvalSettings:
     # all | cold | warm: test events on the data's held-out cold items, or on the others;
     # cold_users: the held-out users' rows instead of the test split (profile + first k events)
     targets: str = "all"
+    # recommend: the tables above; search: the personalised-search table (recsys_ray/evaluate/search.py)
+    task: str = "recommend"
 
     def cold_item_ids(self) -> list[str]:
         """The data's held-out cold items (none without): models score them from their text
@@ -113,6 +115,10 @@ class EvalSettings:
             out.extend(self.sequential.problems())
         if self.rerank_top < 1:
             out.append("rerank_top must be >= 1")
+        if self.task not in ("recommend", "search"):
+            out.append(f"--task {self.task!r}: recommend or search")
+        elif self.task == "search" and not self.checkpoints:
+            out.append("--task search needs --checkpoint (a search checkpoint: model.search_mix > 0)")
         if self.targets not in ("all", "cold", "warm", "cold_users"):
             out.append(f"--targets {self.targets!r}: all, cold, warm or cold_users")
         elif self.targets == "cold_users" and layout.is_prepared(self.data) and not layout.has_part(
@@ -307,6 +313,10 @@ def evaluate(settings: EvalSettings) -> dict:
     num_users = repeats_left_out = None
     if settings.targets == "cold_users":
         return _cold_user_rows(settings, manifest, t0)
+    if settings.task == "search":
+        from recsys_ray.evaluate.search import search_report
+
+        return search_report(settings, manifest, t0)
     if settings.baselines:
         base = baseline_ranks(settings.data, settings.max_users, settings.sequential, settings.target_items())
         for name in ("popularity", "EASE", "Markov", "SASRec"):
@@ -422,10 +432,15 @@ def _cold_user_rows(settings: EvalSettings, manifest: dict, t0: float) -> dict:
                   "was the other users' (k+1)-th event; retriever+prior: beta chosen on the validation split"],
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    files = save_report(result, settings.output)
-    summary = {"output": settings.output, **files, "seconds": result["seconds"],
+    return finish_report(result, settings.output)
+
+
+def finish_report(result: dict, output: str) -> dict:
+    """Write a per-row table's report; ``{"summary", "result"}`` with every row's NDCG@10 / HR@10 as headline."""
+    files = save_report(result, output)
+    summary = {"output": output, **files, "seconds": result["seconds"],
                "headline": {n: {"ndcg@10": round(m["mean"]["ndcg@10"], 4), "hr@10": round(m["mean"]["hr@10"], 4)}
-                            for n, m in models.items()}}
+                            for n, m in result["models"].items()}}
     return {"summary": summary, "result": result}
 
 

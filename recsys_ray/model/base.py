@@ -236,6 +236,12 @@ class BertRecommender(nn.Module):
         """Catalogue rows as this model's candidate inputs."""
         return [catalogue.tokens[r] for r in rows]
 
+    searches = False  # reads a typed query with the user (the item-token retriever with model.search_mix > 0)
+
+    def search_context(self, user_context: Sequence[int] | None, query_ids: Sequence[int],
+                       special: tuple[int, int, int]) -> list[int]:
+        raise RecsysError(f"a {self.kind} with history={self.history!r} does not read queries")
+
     def catalogue_problem(self, catalogue: Catalogue) -> str | None:
         """Why this model cannot serve ``catalogue`` (None: it can)."""
         return None

@@ -26,7 +26,7 @@ class ModelConfig:
 
     RANGES: ClassVar[dict[str, str]] = {
         "temperature": "> 0", "dropout": "[0, 1)", "lora_alpha": "> 0", "lora_dropout": "[0, 1)",
-        "history_len": ">= 1",
+        "history_len": ">= 1", "search_mix": "[0, 1]", "search_anonymous": "[0, 1]",
     }
 
     kind: Literal["ranker", "retriever"] = "ranker"  # ranker = cross-encoder, retriever = dual encoder
@@ -40,6 +40,13 @@ class ModelConfig:
     history: Literal["text", "items"] = "text"  # retriever: user history as rendered text, or as item tokens (causal)
     history_len: int = 50  # history="items": the last N history items the user tower reads
     item_init: Literal["text", "random"] = "text"  # history="items": item embeddings from word embeddings or random
+    # personalised search (history="items"): the share of training windows whose last event's query
+    # is appended after the history, ``[CLS] profile [SEP] items [SEP] query``, with that event as the
+    # target at the query's last position. Causal attention leaves every earlier position as it was,
+    # so the same pass still trains next-item recommendation: one checkpoint answers both routes.
+    # 0 = recommendation only (no /v1/search)
+    search_mix: float = 0.0
+    search_anonymous: float = 0.1  # of those search windows, the share without the user (plain search)
 
     def problems(self) -> list[str]:
         """What the range rules cannot say: the freeze spec, the tiny encoder, the enums."""
@@ -51,6 +58,9 @@ class ModelConfig:
             out.append(problem)
         if self.item_init not in ("text", "random"):
             out.append(f"model.item_init must be 'text' or 'random', got {self.item_init!r}")
+        if self.search_mix and (self.kind, self.history) != ("retriever", "items"):
+            out.append("model.search_mix: personalised search is a mode of the item-token retriever "
+                       "(kind retriever, history items)")
         if self.tiny is not None:
             out.extend(_tiny_problems(self.tiny, self.freeze if not problem else "none"))
         return out

@@ -27,7 +27,7 @@ from typing import Any, Literal, Protocol
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import (
     BaseModel,
@@ -42,6 +42,7 @@ from pydantic import (
 
 from recsys_ray.errors import ConfigError, UnknownItems
 from recsys_ray.predict import MAX_TEXT_TOKENS
+from recsys_ray.serve.page import page_html, sample_users
 
 BATCH_HEADER = "X-Batch-Size"  # how many requests the replica merged into this one's batch
 TIMING_HEADER = "Server-Timing"  # per-stage milliseconds of this request (W3C Server Timing; browsers show it)
@@ -109,6 +110,7 @@ class AppArgs(BaseModel):
     index_nprobe: int = Field(32, ge=1, le=65536, description="ivf: index groups searched per user (more = closer to exact, slower)")
     s3_endpoint: str | None = Field(None, description="S3-compatible store for s3:// checkpoints (default: AWS_ENDPOINT_URL(_S3), else AWS)")
     api_keys_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="name of an environment variable (on the ingress replicas' nodes) holding the accepted API keys, comma or whitespace separated; with it or api_keys_file every route but /healthz needs a key")
+    demo_data: str | None = Field(None, description="a prepared data directory: GET /demo offers its first users (train history) as sample users; without it the page searches for nobody")
     api_keys_file: str | None = Field(None, description="a file on the ingress replicas' nodes (e.g. a mounted Kubernetes secret) with the accepted API keys, one per line; read at replica start")
 
 
@@ -165,6 +167,23 @@ class RecommendRequest(BaseModel):
     user: User
     k: StrictInt = Field(10, ge=1, description="how many items")
     exclude_history: StrictBool = Field(True, description="leave the user's history items out")
+
+
+class SearchRequest(BaseModel):
+    """A typed query, for this user (personalised) or for nobody (plain search)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user: User | None = Field(None, description="who searches (history, profile); none = plain search")
+    query: StrictStr = Field(description="what the user typed (cut by the tokenizer when long, never refused)")
+    k: StrictInt = Field(10, ge=1, description="how many items")
+    exclude_history: StrictBool = Field(True, description="leave the user's history items out")
+
+    @model_validator(mode="after")
+    def _query_not_blank(self) -> "SearchRequest":
+        if not self.query.strip():
+            raise ValueError("query is empty")
+        return self
 
 
 class RecommendedItem(BaseModel):
@@ -315,7 +334,8 @@ def overloaded(what: str = "the service is at capacity") -> ApiError:
 # API keys
 
 
-OPEN_PATHS = frozenset({"/healthz"})  # liveness probes carry no key
+# liveness probes carry no key; nor does a browser opening the demo page (static HTML: its calls send the key)
+OPEN_PATHS = frozenset({"/healthz", "/demo"})
 MIN_KEY_CHARS = 16
 
 
@@ -405,6 +425,8 @@ class Backend(Protocol):
 
     async def recommend(self, req: RecommendRequest) -> tuple[RecommendResponse, int]: ...
 
+    async def search(self, req: SearchRequest) -> tuple[RecommendResponse, int]: ...
+
     async def add_items(self, req: AddItemsRequest) -> AddItemsResponse: ...
 
     async def ready(self) -> tuple[bool, dict]: ...
@@ -446,7 +468,7 @@ def create_api(backend: Backend, title: str = "recsys_ray") -> FastAPI:
     :class:`ConfigError` at start-up when configured keys are missing)."""
     limits = backend.args
     digests = load_api_keys(limits)
-    app = FastAPI(title=title, version="1", description="BERT recommender: score candidates, recommend from the catalogue.")
+    app = FastAPI(title=title, version="1", description="BERT recommender: score candidates, recommend from the catalogue, personalised search.")
     app.router.route_class = StrictJSONRoute
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     if digests is not None:  # outermost: a request without a key is refused before its body is read
@@ -471,6 +493,18 @@ def create_api(backend: Backend, title: str = "recsys_ray") -> FastAPI:
         ok, info = await backend.ready()
         return JSONResponse({"ready": ok, **info}, status_code=200 if ok else 503)
 
+    demo_users = sample_users(limits.demo_data) if limits.demo_data else []
+
+    @app.get("/demo", include_in_schema=False)
+    async def demo() -> HTMLResponse:
+        """The page to try search and recommendation in a browser (recsys_ray/serve/page)."""
+        return HTMLResponse(page_html())
+
+    @app.get("/demo/users")
+    async def demo_sample_users() -> dict:
+        """Sample users for the demo page: id, train history (oldest first), profile, recent titles."""
+        return {"users": demo_users}
+
     @app.post("/v1/score", response_model=ScoreResponse)
     async def score(req: ScoreRequest) -> JSONResponse:
         """One score per candidate, in the request's order (ranker if loaded, else retriever)."""
@@ -485,6 +519,15 @@ def create_api(backend: Backend, title: str = "recsys_ray") -> FastAPI:
         if req.k > limits.max_k:
             raise ApiError(422, f"k={req.k} is more than max_k={limits.max_k}")
         out, _, headers = await timed(backend.recommend(req))
+        return JSONResponse(out.model_dump(), headers=headers)
+
+    @app.post("/v1/search", response_model=RecommendResponse)
+    async def search(req: SearchRequest) -> JSONResponse:
+        """Top k of the catalogue for a typed query and this user (none: plain search), from a
+        retriever trained for search (model.search_mix > 0; any other checkpoint -> 422)."""
+        if req.k > limits.max_k:
+            raise ApiError(422, f"k={req.k} is more than max_k={limits.max_k}")
+        out, _, headers = await timed(backend.search(req))
         return JSONResponse(out.model_dump(), headers=headers)
 
     @app.post("/v1/items", response_model=AddItemsResponse)

@@ -48,6 +48,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from recsys_ray import checkpoint, storage
+from recsys_ray.data import layout
 from recsys_ray.data.catalogue import CATALOGUE_FILE
 from recsys_ray.errors import ConfigError, RecsysError, UnknownItems, one_line
 from recsys_ray.model.kinds import checkpoint_config
@@ -64,6 +65,7 @@ from recsys_ray.serve.api import (
     RecommendResponse,
     ScoreRequest,
     ScoreResponse,
+    SearchRequest,
     create_api,
     overloaded,
     record_stage,
@@ -289,13 +291,20 @@ class Retriever(_ModelReplica):
         """Scaled cosine per candidate (used when the app has no ranker)."""
         return await self._score(user, item_ids, texts)
 
-    async def retrieve(self, user: dict, n: int, exclude_history: bool = True) -> dict:
-        """Top ``n`` catalogue rows for one user: ``{"rows", "item_ids", "texts", "scores", "batch_size", "timing"}``."""
+    async def retrieve(self, user: dict | None, n: int, exclude_history: bool = True, query: str | None = None) -> dict:
+        """Top ``n`` catalogue rows for one user: ``{"rows", "item_ids", "texts", "scores", "batch_size", "timing"}``;
+        with ``query``, for that query typed by the user (``user`` None: by nobody)."""
         t0 = time.perf_counter()
+        p = self.predictor
+
+        def inputs():
+            ctx = p.user_inputs(user) if user is not None else None
+            if query is not None:
+                ctx = p.search_context(ctx, query)
+            return ctx, p.items.rows((user or {}).get("history") or []) if exclude_history else []
+
         try:
-            ctx, exclude = await self._with_items(lambda: (
-                self.predictor.user_inputs(user),
-                self.predictor.items.rows(user.get("history") or []) if exclude_history else []))
+            ctx, exclude = await self._with_items(inputs)
         except RecsysError as exc:
             return refusal(exc)
         t1 = time.perf_counter()
@@ -367,6 +376,14 @@ class ServeBackend:
         items = [RecommendedItem(item_id=got["item_ids"][j], text=got["texts"][j], score=float(scores[j]))
                  for j in rerank_order(scores, req.k)]
         return RecommendResponse(model="retriever+ranker", items=items), ranked["batch_size"]
+
+    async def search(self, req: SearchRequest) -> tuple[RecommendResponse, int]:
+        """The retriever alone: the ranker (when the app has one) does not read queries."""
+        user = req.user.model_dump() if req.user is not None else None
+        got = await self._call("retriever", self.retriever.retrieve, user, req.k, req.exclude_history, req.query)
+        items = [RecommendedItem(item_id=i, text=t, score=s)
+                 for i, t, s in zip(got["item_ids"], got["texts"], got["scores"], strict=True)]
+        return RecommendResponse(model="retriever", items=items), got["batch_size"]
 
     async def add_items(self, req: AddItemsRequest) -> AddItemsResponse:
         out = await self._call("retriever", self.retriever.add_items, [it.model_dump() for it in req.items])
@@ -483,6 +500,11 @@ def check_args(args: AppArgs) -> AppArgs:
     elif not storage.is_remote(args.checkpoint) and not any(p.startswith("checkpoint:") for p in problems):
         if not (Path(resolved["checkpoint"]) / CATALOGUE_FILE).is_file():
             problems.append(f"checkpoint: {args.checkpoint} has no {CATALOGUE_FILE}; pass items= (a prepared data dir)")
+    if args.demo_data is not None and not storage.is_remote(args.demo_data):
+        if not layout.is_prepared(args.demo_data):
+            problems.append(f"demo_data: {args.demo_data} is not a prepared data directory (no manifest.json)")
+        else:
+            resolved["demo_data"] = os.path.abspath(args.demo_data)
     if problems:
         raise ConfigError(problems)
     return args.model_copy(update=resolved)

@@ -66,6 +66,9 @@ def plan(cfg: TrainConfig) -> dict:
     problem = kind.data_problem(data)
     if problem:
         raise DataError(problem)
+    if cfg.model.search_mix and "queries" not in layout.columns(data, layout.SEQUENCES):
+        raise DataError(f"{data}: model.search_mix={cfg.model.search_mix} needs search events, but these logs "
+                        "carry no queries (prepare them with columns.query, or --set queries=metadata for MovieLens)")
     init = check_init_from(cfg) if cfg.init_from else None
     check_vocab(manifest, init.tokenizer if init else load_tokenizer(cfg.model.encoder), data)
     prepared = manifest.get("config", {}).get("negatives", cfg.negatives)

@@ -92,6 +92,34 @@ def test_small_log_counts_reconcile_and_split_is_right(ray_session, small_log):
     assert on_disk["fingerprint"] == m["fingerprint"]
 
 
+def test_a_query_column_makes_search_events_that_flow_to_sequences_and_examples(ray_session, small_log):
+    """columns.query: an event with a query is a search event, an empty one a browsing event; the
+    query stays with its event through validation, the split (profiles and rejects included) and
+    tokenization, and the manifest counts both kinds."""
+    lines = LOG.splitlines()
+    queries = ["", "comedy", "a drama", "", "x", "old film", "", "q", "  ", "comedy please", "", "", ""]
+    log = [lines[0] + ",query"] + [f"{line},{q}" for line, q in zip(lines[1:], queries, strict=True)]
+    (small_log / "qlog.csv").write_text("\n".join(log) + "\n")
+    m = prepare(_cfg(small_log, dataset=str(small_log / "qlog.csv"), users=str(small_log / "users.csv"),
+                     columns={"value": "rating", "query": "query"}))
+    c = m["counts"]
+    assert c["rows_read"] == 13 and c["events_accepted"] == 9
+    # accepted search events: u2 i2 "comedy", u1 i3 "a drama", u3 i1 "old film", u2 i5 "comedy please"
+    # ("  " is no query)
+    assert c["events_by_kind"] == {"search": 4, "browse": 5} and m["queries"]["column"] == "query"
+    test = {r["user_id"]: r for r in read_split(small_log / "out", "test").to_pylist()}
+    valid = {r["user_id"]: r for r in read_split(small_log / "out", "valid").to_pylist()}
+    assert test["u2"]["query"] == "comedy please" and test["u2"]["query_ids"]
+    assert test["u1"]["query"] is None and test["u1"]["query_ids"] is None and valid["u1"]["query"] is None
+    train = {(r["user_id"], r["target_item_id"]): r["query"] for r in read_split(small_log / "out", "train").to_pylist()}
+    assert train == {("u1", "i3"): "a drama", ("u3", "i2"): None}
+    seqs = {r["user_id"]: r for r in pads.dataset(str(small_log / "out" / "sequences")).to_table().to_pylist()}
+    assert seqs["u1"]["item_ids"] == ["i1", "i3", "i2", "i4"] and seqs["u1"]["queries"] == [None, "a drama", None, None]
+    assert seqs["u1"]["profile_text"].startswith("age: 30")
+    rejects = {r["source_row"]: r for r in pads.dataset(str(small_log / "out" / "rejects")).to_table().to_pylist()}
+    assert json.loads(rejects[4]["raw"])["query"] == "x"  # a rejected row keeps its query in raw
+
+
 def test_same_log_as_jsonl_and_parquet_gives_the_same_examples(ray_session, small_log):
     prepare(_cfg(small_log))
     base = read_split(small_log / "out", "test").sort_by("user_id")

@@ -31,6 +31,9 @@ class EchoBackend:
     async def recommend(self, req):
         return RecommendResponse(model="retriever", items=[]), 1
 
+    async def search(self, req):
+        return RecommendResponse(model="retriever", items=[]), 1
+
     async def ready(self):
         return True, {}
 
@@ -55,7 +58,7 @@ def test_bodies_that_are_not_plain_json_are_refused_with_the_reason(client, body
     with pytest.raises(json.JSONDecodeError) as err:
         parse_json_body(body)
     assert reason in err.value.msg
-    for route in ("/v1/score", "/v1/recommend"):
+    for route in ("/v1/score", "/v1/recommend", "/v1/search"):
         r = client.post(route, content=body, headers={"content-type": "application/json"})
         assert r.status_code in (413, 422), (route, r.status_code, r.text[:200])
         if r.status_code == 422:
@@ -86,6 +89,7 @@ shaped = st.fixed_dictionaries(
     {"user": st.fixed_dictionaries({}, optional={"history": json_values | st.lists(st.text(), max_size=5),
                                                  "profile": json_values})},
     optional={"item_ids": json_values | st.lists(st.text(), max_size=60), "texts": json_values,
+              "query": json_values | st.text(max_size=20),
               "k": json_values | st.integers(), "exclude_history": json_values, "extra": json_values},
 )
 
@@ -93,7 +97,7 @@ shaped = st.fixed_dictionaries(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=st.one_of(st.binary(max_size=300), json_values.map(lambda v: json.dumps(v).encode()),
                       shaped.map(lambda v: json.dumps(v).encode())),
-       route=st.sampled_from(["/v1/score", "/v1/recommend"]),
+       route=st.sampled_from(["/v1/score", "/v1/recommend", "/v1/search"]),
        content_type=st.sampled_from(["application/json", "text/plain", None]))
 def test_no_body_gets_a_server_error(client, body, route, content_type):
     headers = {"content-type": content_type} if content_type else {}

@@ -207,7 +207,7 @@ def test_health_readiness_and_openapi(app):
     assert set(r.json()["models"]) == {"retriever", "ranker"}
     assert r.json()["models"]["ranker"]["max_batch_size"] == 8  # the user_config in force
     paths = requests.get(f"{app}/openapi.json", timeout=10).json()["paths"]
-    assert {"/v1/score", "/v1/recommend", "/v1/items", "/healthz", "/readyz"} <= set(paths)
+    assert {"/v1/score", "/v1/recommend", "/v1/search", "/v1/items", "/healthz", "/readyz"} <= set(paths)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -368,6 +368,50 @@ def test_retriever_only_app_scores_with_cosine_and_sheds_overload_with_503(serve
             assert resp.headers.get("Retry-After") == "1"
             assert "retry" in resp.json()["detail"].lower()
             assert dt < 0.9, f"a 503 took {dt:.2f} s: refusals must not wait for the batch"
+    finally:
+        serve.delete(name)
+
+
+def test_search_through_serve_is_the_offline_search_ranking(serve_port, app, syn_data, tokenizer, tmp_path,
+                                                           catalogue_ids):
+    """/v1/search on a retriever trained for search (an untrained tiny one: the wiring, not the
+    quality) is the offline Predictor's ranking of the same search context; the module's app,
+    whose retriever was not trained for search, answers 422 with the reason."""
+    import torch
+    from ray import serve
+
+    from recsys_ray.data.catalogue import Catalogue
+    from recsys_ray.data.layout import read_manifest
+    from recsys_ray.model.config import ModelConfig
+    from recsys_ray.model.kinds import from_config
+    from recsys_ray.predict import Predictor, PredictorConfig
+
+    items = Catalogue.from_data_dir(syn_data)
+    torch.manual_seed(0)
+    tiny = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+    model = from_config(ModelConfig(kind="retriever", history="items", tiny=tiny, search_mix=0.5), tokenizer,
+                        item_tokens=items.tokens)
+    ckpt = model.save(tmp_path / "search", extra={"text": read_manifest(syn_data)["text"]})
+    items.save(ckpt / "items.parquet")
+    name = "recsys-search"
+    deploy(name, {"checkpoint": str(ckpt), "device": "cpu", "max_k": 20})
+    base = f"http://127.0.0.1:{serve_port}/{name}"
+    try:
+        offline = Predictor(PredictorConfig(retriever=str(ckpt)))
+        history = catalogue_ids[:5]
+        r = post(f"{base}/v1/search", {"user": {"history": history}, "query": "a jazz gift", "k": 7})
+        assert r.status_code == 200 and r.json()["model"] == "retriever", r.text
+        ctx = offline.search_context(offline.context_ids(history), "a jazz gift")
+        ((rows, scores),) = offline.retrieve([ctx], 7, [offline.items.rows(history)])
+        assert [it["item_id"] for it in r.json()["items"]] == [offline.items.ids[i] for i in rows]
+        assert np.allclose([it["score"] for it in r.json()["items"]], scores, atol=1e-4)
+        r = post(f"{base}/v1/search", {"query": "jazz", "k": 3})  # plain search
+        ((rows, _),) = offline.retrieve([offline.search_context(None, "jazz")], 3)
+        assert r.status_code == 200 and [it["item_id"] for it in r.json()["items"]] == [offline.items.ids[i] for i in rows]
+        for bad in ({"query": " ", "k": 3}, {"query": "jazz", "k": 21}, {"user": {"history": ["nope"]}, "query": "x"}):
+            assert post(f"{base}/v1/search", bad).status_code == 422, bad
+        r = post(f"{app}/v1/search", {"user": {"history": history}, "query": "jazz"})
+        assert r.status_code == 422 and "not trained for search" in r.json()["detail"]["message"], r.text
     finally:
         serve.delete(name)
 

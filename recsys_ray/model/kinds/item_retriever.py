@@ -23,6 +23,7 @@ from torch import nn
 
 from recsys_ray.data import layout
 from recsys_ray.data.catalogue import Catalogue
+from recsys_ray.data.examples import MAX_QUERY_TOKENS
 from recsys_ray.data.tokenize import encode_texts
 from recsys_ray.errors import ConfigError, RecsysError
 from recsys_ray.model import losses
@@ -45,6 +46,17 @@ def history_context(profile_ids: Sequence[int] | None, history_rows: Sequence[in
     return [*list(profile_ids or [])[:max_profile_tokens], sep_id, *(item_offset + int(r) for r in rows)]
 
 
+def search_context(user_context: Sequence[int], query_ids: Sequence[int], special: tuple[int, int, int]) -> list[int]:
+    """A search input: the user's :func:`history_context` (``[SEP]`` alone for no user), ``[SEP]``,
+    the query's word pieces; the user vector is read after the query's last word piece."""
+    return [*user_context, special[1], *query_ids]
+
+
+def anonymous_context(special: tuple[int, int, int]) -> list[int]:
+    """The context of no user: no profile, no history."""
+    return [special[1]]
+
+
 def build_sequence_batch(ids_list: Sequence[Sequence[int]], special: tuple[int, int, int]) -> Batch:
     """Inputs ``[CLS] ids`` (no closing [SEP]: the user vector is read at the last real position),
     right-padded to the longest row."""
@@ -65,11 +77,19 @@ class SequenceCollator:
     """
 
     def __init__(self, items: Catalogue, special: tuple[int, int, int], item_offset: int, history_len: int,
-                 negatives: int, tokenizer, seed: int, sampled: bool):
+                 negatives: int, tokenizer, seed: int, sampled: bool, search_mix: float = 0.0,
+                 search_anonymous: float = 0.0):
         self.items, self.special, self.offset, self.L = items, special, item_offset, history_len
         self.k, self.tok, self.sampled = negatives, tokenizer, sampled
+        self.search_mix, self.anonymous = search_mix, search_anonymous
         self.rng = np.random.default_rng(seed)
         self._profiles: dict[str, list[int]] = {}
+        self._queries: dict[str, list[int]] = {}
+
+    def _query(self, text: str) -> list[int]:
+        if text not in self._queries:
+            self._queries[text] = encode_texts(self.tok, [text], MAX_QUERY_TOKENS)[0]
+        return self._queries[text]
 
     def _profile(self, row: dict) -> list[int]:
         text = row.get("profile_text") or ""
@@ -93,6 +113,14 @@ class SequenceCollator:
                 t[n_prefix] = window[0]  # at [SEP]: the first event from the profile alone
             for j in range(1, len(window)):
                 t[n_prefix + j] = window[j]
+            queries = r.get("queries") if self.search_mix else None  # aligned with item_ids
+            query = queries[end - 1] if queries is not None else None
+            if query and self.rng.random() < self.search_mix:  # a search window: the last event's query
+                if self.rng.random() < self.anonymous:  # plain search: the query alone
+                    ctx, t = anonymous_context(self.special), [-100, -100]
+                ctx = search_context(ctx, self._query(query), self.special)
+                t = t + [-100] * (len(ctx) + 1 - len(t))
+                t[len(ctx)] = window[-1]
             contexts.append(ctx)
             targets.append(t)
         b = build_sequence_batch(contexts, self.special)
@@ -232,13 +260,14 @@ class ItemTokenRetriever(Retriever):
     @classmethod
     def train_columns(cls, root: str) -> list[str]:
         cols = ["user_id", "item_ids", "n_train"]
-        if "profile_text" in layout.columns(root, layout.SEQUENCES):
-            cols.append("profile_text")
+        present = layout.columns(root, layout.SEQUENCES)
+        cols += [c for c in ("profile_text", "queries") if c in present]
         return cols
 
     def collator(self, catalogue, special, settings: TrainSettings, tokenizer, rank: int):
         return SequenceCollator(catalogue, special, self.item_offset, self.cfg.history_len, settings.negatives,
-                                tokenizer, settings.seed + rank, sampled=settings.loss != "softmax")
+                                tokenizer, settings.seed + rank, sampled=settings.loss != "softmax",
+                                search_mix=self.cfg.search_mix, search_anonymous=self.cfg.search_anonymous)
 
     def train_scores(self, batch: Batch) -> tuple[torch.Tensor, None]:
         """A prediction at every position with a target: (M, N) over the catalogue, or (M, 1 + K)
@@ -279,6 +308,17 @@ class ItemTokenRetriever(Retriever):
 
     def candidate_ids(self, rows, catalogue) -> list[list[int]]:
         return [[self.item_offset + int(r)] for r in rows]
+
+    @property
+    def searches(self) -> bool:
+        """Whether this checkpoint was trained to read a query (``model.search_mix`` > 0)."""
+        return self.cfg.search_mix > 0
+
+    def search_context(self, user_context: Sequence[int] | None, query_ids: Sequence[int],
+                       special: tuple[int, int, int]) -> list[int]:
+        """Search input ids of a user's context (None: no user) and a query's word pieces."""
+        return search_context(user_context if user_context is not None else anonymous_context(special), query_ids,
+                              special)
 
     def candidate_vectors(self, candidates, special, device, batch_size, catalogue_vectors) -> torch.Tensor:
         off = self.item_offset
