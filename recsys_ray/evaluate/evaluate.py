@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,13 +38,15 @@ from recsys_ray.evaluate.baselines import baseline_ranks
 from recsys_ray.evaluate.metrics import (
     DEFAULT_KS,
     HEADLINE,
-    MetricAccumulator,
+    aggregate,
+    metrics_of,
     repeats_history,
     sample_unseen,
     sampled_ranks,
     target_ranks,
 )
-from recsys_ray.evaluate.report import write_report
+from recsys_ray.evaluate.report import finish_report, save_report
+from recsys_ray.evaluate.search import search_report
 from recsys_ray.evaluate.sequential import SequentialSettings
 from recsys_ray.predict import Predictor, PredictorConfig
 from recsys_ray.runtime import cluster_cpus, init_ray
@@ -263,18 +264,6 @@ def rank_split(settings: EvalSettings, split: str, retriever: str | None, ranker
 # --- aggregation ---------------------------------------------------------------------------------
 
 
-def metrics_of(ranks: np.ndarray) -> dict:
-    return MetricAccumulator(ks=DEFAULT_KS).update(np.asarray(ranks, dtype=np.int64)).result()
-
-
-def aggregate(per_seed: list[dict]) -> dict:
-    """Mean and sample std over seeds of every metric."""
-    keys = [k for k in per_seed[0] if isinstance(per_seed[0][k], float)]
-    mean = {k: float(np.mean([m[k] for m in per_seed])) for k in keys}
-    std = {k: (float(np.std([m[k] for m in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0) for k in keys}
-    return {"mean": mean, "std": std, "seeds": len(per_seed), "num_users": per_seed[0].get("num_users")}
-
-
 def _headline(models: dict) -> dict:
     return {n: {k: round(m["mean"][k], 4) for k in HEADLINE} for n, m in models.items()}
 
@@ -314,8 +303,6 @@ def evaluate(settings: EvalSettings) -> dict:
     if settings.targets == "cold_users":
         return _cold_user_rows(settings, manifest, t0)
     if settings.task == "search":
-        from recsys_ray.evaluate.search import search_report
-
         return search_report(settings, manifest, t0)
     if settings.baselines:
         base = baseline_ranks(settings.data, settings.max_users, settings.sequential, settings.target_items())
@@ -433,25 +420,6 @@ def _cold_user_rows(settings: EvalSettings, manifest: dict, t0: float) -> dict:
         "seconds": round(time.perf_counter() - t0, 1),
     }
     return finish_report(result, settings.output)
-
-
-def finish_report(result: dict, output: str) -> dict:
-    """Write a per-row table's report; ``{"summary", "result"}`` with every row's NDCG@10 / HR@10 as headline."""
-    files = save_report(result, output)
-    summary = {"output": output, **files, "seconds": result["seconds"],
-               "headline": {n: {"ndcg@10": round(m["mean"]["ndcg@10"], 4), "hr@10": round(m["mean"]["hr@10"], 4)}
-                            for n, m in result["models"].items()}}
-    return {"summary": summary, "result": result}
-
-
-def save_report(result: dict, output: str) -> dict[str, str]:
-    """:func:`write_report` into ``output``, a local folder or a URI (written locally, uploaded)."""
-    if not storage.is_remote(output):
-        return write_report(result, Path(output))
-    with tempfile.TemporaryDirectory() as tmp:
-        files = write_report(result, Path(tmp))
-        storage.upload_dir(tmp, output)
-    return {k: storage.join(output, Path(v).name) for k, v in files.items()}
 
 
 def merge_results(paths: Sequence[str], output: str) -> dict:

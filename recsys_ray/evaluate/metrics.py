@@ -355,3 +355,16 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     avg_rank = np.cumsum(counts) - (counts - 1) / 2.0
     rank_sum = avg_rank[group][labels].sum()
     return float((rank_sum - num_pos * (num_pos + 1) / 2.0) / (num_pos * num_neg))
+
+
+def metrics_of(ranks: np.ndarray) -> dict:
+    """Every metric at :data:`DEFAULT_KS` of a set of 0-based ranks."""
+    return MetricAccumulator(ks=DEFAULT_KS).update(np.asarray(ranks, dtype=np.int64)).result()
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    """Mean and sample std over seeds of every metric."""
+    keys = [k for k in per_seed[0] if isinstance(per_seed[0][k], float)]
+    mean = {k: float(np.mean([m[k] for m in per_seed])) for k in keys}
+    std = {k: (float(np.std([m[k] for m in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0) for k in keys}
+    return {"mean": mean, "std": std, "seeds": len(per_seed), "num_users": per_seed[0].get("num_users")}

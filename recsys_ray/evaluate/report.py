@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from recsys_ray import storage
 from recsys_ray.evaluate.metrics import DEFAULT_KS, HEADLINE
 
 
@@ -132,3 +134,22 @@ def format_table(result: dict) -> str:
 def main_table(path: str | os.PathLike) -> str:
     """The table of a metrics.json (``python -m recsys_ray.evaluate artifacts/eval/metrics.json``)."""
     return format_table(json.loads(Path(path).read_text()))
+
+
+def finish_report(result: dict, output: str) -> dict:
+    """Write a per-row table's report; ``{"summary", "result"}`` with every row's NDCG@10 / HR@10 as headline."""
+    files = save_report(result, output)
+    summary = {"output": output, **files, "seconds": result["seconds"],
+               "headline": {n: {"ndcg@10": round(m["mean"]["ndcg@10"], 4), "hr@10": round(m["mean"]["hr@10"], 4)}
+                            for n, m in result["models"].items()}}
+    return {"summary": summary, "result": result}
+
+
+def save_report(result: dict, output: str) -> dict[str, str]:
+    """:func:`write_report` into ``output``, a local folder or a URI (written locally, uploaded)."""
+    if not storage.is_remote(output):
+        return write_report(result, Path(output))
+    with tempfile.TemporaryDirectory() as tmp:
+        files = write_report(result, Path(tmp))
+        storage.upload_dir(tmp, output)
+    return {k: storage.join(output, Path(v).name) for k, v in files.items()}

@@ -29,8 +29,14 @@ from recsys_ray import checkpoint
 from recsys_ray.data import layout
 from recsys_ray.data.queries import item_attributes, matching_items
 from recsys_ray.errors import ConfigError
-from recsys_ray.evaluate.evaluate import aggregate, finish_report, metrics_of
-from recsys_ray.evaluate.metrics import DEFAULT_KS, repeats_history, target_ranks
+from recsys_ray.evaluate.metrics import (
+    DEFAULT_KS,
+    aggregate,
+    metrics_of,
+    repeats_history,
+    target_ranks,
+)
+from recsys_ray.evaluate.report import finish_report
 from recsys_ray.model import kinds
 from recsys_ray.model.config import ModelConfig
 from recsys_ray.predict import Predictor, PredictorConfig
@@ -119,19 +125,14 @@ def _choose_beta(valid_raw: np.ndarray, valid: SearchRows, prior: np.ndarray, be
     """(beta, validation NDCG@10 at that beta): the best of ``betas`` on the validation rows."""
     best, best_ndcg = 0.0, -1.0
     for b in betas:
-        ranks = valid.ranks(valid_raw + b * prior[None, :])
-        ndcg = float(np.mean(np.where(ranks < 10, 1.0 / np.log2(ranks + 2.0), 0.0)))
+        ndcg = metrics_of(valid.ranks(valid_raw + b * prior[None, :]))["ndcg@10"]
         if ndcg > best_ndcg + 1e-12:
             best, best_ndcg = b, ndcg
     return best, best_ndcg
 
 
-def checkpoint_rows(ckpt: str, data: str, valid: SearchRows, test: SearchRows, betas,
-                    precision: str = "fp32") -> dict[str, dict]:
-    """Ranks of rows 4-5 for one search checkpoint: {row name: {"ranks", "beta", "valid_ndcg@10"}}."""
-    p = Predictor(PredictorConfig(retriever=ckpt, items=data, precision=precision))
-    if not p.searches:
-        raise ConfigError([f"{ckpt}: not a search checkpoint (model.search_mix is 0)"])
+def checkpoint_rows(p: Predictor, valid: SearchRows, test: SearchRows, betas) -> dict[str, dict]:
+    """Ranks of rows 4-5 for one search checkpoint's Predictor: {row name: {"ranks", "beta", "valid_ndcg@10"}}."""
     prior = np.log1p(np.asarray(p.items.counts, dtype=np.float64))
     out = {}
     variants = {
@@ -154,7 +155,11 @@ def search_report(settings, manifest: dict, t0: float) -> dict:
     """The search table of ``settings`` (an EvalSettings with ``task="search"``)."""
     data = settings.data
     ckpts = [checkpoint.resolve(c) for c in settings.checkpoints]
-    first = Predictor(PredictorConfig(retriever=ckpts[0], items=data))
+    predictors = [Predictor(PredictorConfig(retriever=c, items=data, precision=settings.precision)) for c in ckpts]
+    lost = [c for c, p in zip(ckpts, predictors, strict=True) if not p.searches]
+    if lost:
+        raise ConfigError([f"{c}: not a search checkpoint (model.search_mix is 0)" for c in lost])
+    first = predictors[0]
     items = first.items
     valid = SearchRows(data, "valid", items, settings.max_users)
     test = SearchRows(data, "test", items, settings.max_users)
@@ -177,9 +182,9 @@ def search_report(settings, manifest: dict, t0: float) -> dict:
     except ConfigError as exc:
         log.warning("no query-filtered popularity row: %s", exc)
     per: dict[str, list] = {}
-    for ckpt in ckpts:
+    for p in predictors:
         t = time.perf_counter()
-        for name, r in checkpoint_rows(ckpt, data, valid, test, settings.betas, settings.precision).items():
+        for name, r in checkpoint_rows(p, valid, test, settings.betas).items():
             per.setdefault(name, []).append((metrics_of(r["ranks"]), r["beta"], r["valid_ndcg@10"]))
         timings.setdefault("checkpoints", []).append(round(time.perf_counter() - t, 1))
     for name, runs in per.items():
