@@ -60,8 +60,9 @@ def trained(search_data, tmp_path_factory) -> dict:
     cfg = load_train_config({
         "data": search_data,
         "model": {"kind": "retriever", "history": "items", "history_len": 8, "tiny": TINY, "dropout": 0.0,
-                  "temperature": 0.1, "search_mix": 0.5, "search_anonymous": 0.2},
+                  "temperature": 0.1, "search_mix": 0.5, "search_anonymous": 0.2, "search_queries": 3},
         "loss": "softmax", "negatives": 0, "batch_size": 8, "epochs": 6,
+        "early_stopping": {"metric": "search_ndcg@10", "patience": 6},  # the search metric exists and is read
         "optim": {"lr": 0.003, "new_lr": 0.01, "warmup_ratio": 0.0},
         "num_workers": 1, "storage_path": str(tmp_path_factory.mktemp("runs")), "name": "search", "log_every": 50,
     })
@@ -76,6 +77,15 @@ def test_search_mix_is_a_mode_of_the_item_token_retriever_and_needs_logs_with_qu
                              "num_workers": 1, "storage_path": str(tmp_path)})
     with pytest.raises(DataError, match="carry no queries"):
         fit(cfg)
+    # the search_* validation metrics come from search models only
+    from recsys_ray.tune.config import SweepConfig, TuneSettings
+
+    rec = {"data": syn_data, "model": {"kind": "retriever", "history": "items", "tiny": TINY}, "loss": "softmax",
+           "negatives": 0, "num_workers": 1, "storage_path": str(tmp_path)}
+    with pytest.raises(ConfigError, match="early_stopping.metric: 'search_ndcg@10' is reported by search models only"):
+        load_train_config({**rec, "early_stopping": {"metric": "search_ndcg@10", "patience": 2}})
+    assert any("search models only" in p for p in SweepConfig(train=load_train_config(rec),
+                                                               tune=TuneSettings(metric="search_ndcg@10")).problems())
 
 
 def test_search_windows_append_the_query_and_leave_the_recommendation_targets_as_they_were(search_data, tokenizer):
@@ -107,6 +117,60 @@ def test_search_windows_append_the_query_and_leave_the_recommendation_targets_as
     assert tokenizer.decode(query_ids).strip() in items.texts[int(t[last])]
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_query_blocks_read_exactly_what_a_search_of_the_shorter_history_reads(search_data, tokenizer, attn):
+    """``search_queries`` > 1: every block's vector equals the one :func:`search_context` of the
+    history before its event gives alone, its target is that event, and the recommendation
+    positions are those of the window without any query."""
+    import pyarrow.dataset as pads
+
+    from recsys_ray.data.synthetic import TOPICS
+
+    items = Catalogue.from_data_dir(search_data)
+    special, offset = special_ids(tokenizer), tokenizer.vocab_size
+    rows = [r for r in pads.dataset(f"{search_data}/sequences").to_table().to_pylist() if r["n_train"] >= 6][:3]
+    for r in rows:
+        r["queries"] = [next(w for w in TOPICS if w in items.texts[items.index[i]].split()) for i in r["item_ids"]]
+    plain = SequenceCollator(items, special, offset, 8, 0, tokenizer, seed=5, sampled=False)(rows)
+    packed = SequenceCollator(items, special, offset, 8, 0, tokenizer, seed=5, sampled=False, search_mix=1.0,
+                              search_anonymous=0.0, search_queries=3)(rows)
+    torch.manual_seed(0)
+    model = from_config(ModelConfig(kind="retriever", history="items", tiny=TINY, search_mix=1.0, dropout=0.0),
+                        tokenizer, item_tokens=items.tokens).eval()
+    model.encoder.config._attn_implementation = attn
+    with torch.no_grad():
+        vp = model.encode_positions(plain["input_ids"], plain["attention_mask"])
+        vq = model.encode_positions(packed["input_ids"], packed["attention_mask"], packed["position_ids"],
+                                    packed["visible"])
+    n_blocks = 0
+    for i, r in enumerate(rows):
+        n = int(plain["attention_mask"][i].sum())
+        assert packed["input_ids"][i, :n].tolist() == plain["input_ids"][i, :n].tolist()
+        assert packed["targets"][i, :n].tolist() == plain["targets"][i, :n].tolist()
+        assert torch.allclose(vq[i, :n], vp[i, :n], atol=1e-5)  # recommendation positions untouched
+        ids, tgt = packed["input_ids"][i].tolist(), packed["targets"][i]
+        window = ids[1:n]  # profile [SEP] items (no [CLS])
+        sep_at = window.index(special[1])
+        ends = [j for j in range(n, int(packed["attention_mask"][i].sum())) if int(tgt[j]) >= 0]
+        starts = [n] + [e + 1 for e in ends[:-1]]
+        assert 1 <= len(ends) <= 3
+        for s, e in zip(starts, ends):
+            cut = int(packed["position_ids"][i, s])  # [CLS] profile [SEP] w_0 .. w_{c-1}
+            history = [x - offset for x in window[sep_at + 1: cut - 1]]
+            alone = model.search_context(history_context(window[:sep_at], history, offset, 8, special),
+                                         ids[s + 1: e + 1], special)
+            b = model.input_batch([alone], special)
+            with torch.no_grad():
+                u = model.encode(b["input_ids"], b["attention_mask"])
+            assert torch.allclose(vq[i, e], u[0], atol=1e-5)
+            # the target is the event after that history, whose query it is
+            seq, run = [items.index[x] for x in r["item_ids"]], [*history, int(tgt[e])]
+            assert any(seq[k: k + len(run)] == run for k in range(len(seq)))
+            assert tokenizer.decode(ids[s + 1: e + 1]).strip() in items.texts[int(tgt[e])]
+            n_blocks += 1
+    assert n_blocks > len(rows)  # more than one query per window
+
+
 def test_causal_reading_keeps_the_scores_before_the_query(search_data, tokenizer):
     items = Catalogue.from_data_dir(search_data)
     torch.manual_seed(0)
@@ -128,6 +192,9 @@ def test_a_trained_search_model_beats_its_own_recommendation_route_and_the_table
         search_data, trained, tmp_path):
     from recsys_ray.evaluate.evaluate import EvalSettings, evaluate
 
+    # training validation reads the validation rows with a query as searches too (search_ndcg@10, ...)
+    m = trained["metrics"]
+    assert m["search_ndcg@10"] > 1.5 * m["ndcg@10"] > 0, m
     out = evaluate(EvalSettings(data=search_data, checkpoints=[trained["best_checkpoint"]], task="search",
                                 output=str(tmp_path / "ev"), sequential=None))
     models = out["result"]["models"]

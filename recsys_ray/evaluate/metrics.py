@@ -24,6 +24,9 @@ DEFAULT_KS: tuple[int, ...] = (5, 10, 20, 50)  # the cut-offs every report and v
 HEADLINE: tuple[str, ...] = ("ndcg@10", "hr@10")  # the headline metrics (NDCG@10 ranks checkpoints)
 # every metric MetricAccumulator.result() reports (and so every validation report)
 METRIC_NAMES: tuple[str, ...] = (*(f"{m}@{k}" for m in ("ndcg", "hr", "mrr", "recall") for k in DEFAULT_KS), "mrr")
+# the same metrics of the validation rows that carry a query, read as searches (a search model's runs)
+SEARCH_PREFIX = "search_"
+SEARCH_METRIC_NAMES: tuple[str, ...] = tuple(SEARCH_PREFIX + m for m in METRIC_NAMES)
 
 # A (U, I) boolean mask: dense numpy or any scipy.sparse matrix/array (histories are sparse).
 Mask = np.ndarray | sp.spmatrix | sp.sparray

@@ -26,7 +26,7 @@ class ModelConfig:
 
     RANGES: ClassVar[dict[str, str]] = {
         "temperature": "> 0", "dropout": "[0, 1)", "lora_alpha": "> 0", "lora_dropout": "[0, 1)",
-        "history_len": ">= 1", "search_mix": "[0, 1]", "search_anonymous": "[0, 1]",
+        "history_len": ">= 1", "search_mix": "[0, 1]", "search_anonymous": "[0, 1]", "search_queries": ">= 1",
     }
 
     kind: Literal["ranker", "retriever"] = "ranker"  # ranker = cross-encoder, retriever = dual encoder
@@ -47,6 +47,11 @@ class ModelConfig:
     # 0 = recommendation only (no /v1/search)
     search_mix: float = 0.0
     search_anonymous: float = 0.1  # of those search windows, the share without the user (plain search)
+    # queries per personal search window: the last event's plus up to N-1 earlier events' of the same
+    # window, each appended as its own ``[SEP] query`` block that sees only the history before its event
+    # (a block attention mask, positions as if it followed that history): N search targets for the
+    # price of one window. 1 = the last event's query only
+    search_queries: int = 1
 
     def problems(self) -> list[str]:
         """What the range rules cannot say: the freeze spec, the tiny encoder, the enums."""

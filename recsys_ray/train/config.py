@@ -6,7 +6,7 @@ import dataclasses
 from typing import ClassVar, Literal
 
 from recsys_ray.config import build_config, location_problems
-from recsys_ray.evaluate.metrics import METRIC_NAMES
+from recsys_ray.evaluate.metrics import METRIC_NAMES, SEARCH_METRIC_NAMES
 from recsys_ray.model import kinds
 from recsys_ray.model.base import TrainSettings, ValidationSettings
 from recsys_ray.model.config import ModelConfig
@@ -102,9 +102,12 @@ class TrainConfig:
             out.append(kind)
         if LOSSES[self.loss].needs_negatives and self.negatives < 1:
             out.append(f"loss {self.loss!r} needs negatives >= 1")
-        if self.early_stopping.metric not in METRIC_NAMES:
-            out.append(f"early_stopping.metric: {self.early_stopping.metric!r} is not a validation metric "
-                       f"(one of {', '.join(METRIC_NAMES)})")
+        metric = self.early_stopping.metric
+        if metric in SEARCH_METRIC_NAMES and not self.model.search_mix:
+            out.append(f"early_stopping.metric: {metric!r} is reported by search models only (model.search_mix > 0)")
+        elif metric not in METRIC_NAMES + SEARCH_METRIC_NAMES:
+            out.append(f"early_stopping.metric: {metric!r} is not a validation metric "
+                       f"(one of {', '.join(METRIC_NAMES)}; a search model also reports each as search_<metric>)")
         return out + location_problems(self.storage_path, self.name)
 
     def train_settings(self) -> TrainSettings:

@@ -26,6 +26,7 @@ from recsys_ray.train.loop import StepHook, train_loop_per_worker
 log = logging.getLogger(__name__)
 
 SUMMARY_METRICS = (SCORE, "hr@10", "mrr@10", "mrr", "protocol", "epoch", "global_step", "train_loss", "samples_per_s")
+SEARCH_SUMMARY = ("search_ndcg@10", "search_hr@10")  # a search model's runs only
 
 
 def check_vocab(manifest: dict, tokenizer, data_dir: str) -> None:
@@ -175,7 +176,7 @@ def summary(result, run_plan: dict, seconds: float, storage_path: str = "") -> d
     return {
         "run": storage.uri_of(storage_path, str(result.path)),
         "best_checkpoint": storage.uri_of(storage_path, best_path) if best_path else None,
-        "metrics": {k: best_metrics.get(k) for k in SUMMARY_METRICS},
+        "metrics": {k: best_metrics.get(k) for k in SUMMARY_METRICS + SEARCH_SUMMARY if k in SUMMARY_METRICS or k in best_metrics},
         "final": {k: last.get(k) for k in ("epoch", "global_step", "train_loss", "samples_per_s", "restarts",
                                            "resumed_from_step", "stopped_early")},
         "steps_per_epoch": run_plan["steps_per_epoch"],

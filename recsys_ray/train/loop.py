@@ -34,7 +34,7 @@ from recsys_ray.checkpoint import (
 from recsys_ray.config import build_config, to_dict
 from recsys_ray.data import layout
 from recsys_ray.data.catalogue import Catalogue
-from recsys_ray.evaluate.metrics import DEFAULT_KS, MetricAccumulator, repeats_history
+from recsys_ray.evaluate.metrics import DEFAULT_KS, SEARCH_PREFIX, MetricAccumulator, repeats_history
 from recsys_ray.model import kinds
 from recsys_ray.model.base import BertRecommender, ValidationSettings
 from recsys_ray.model.tokenizer import load_tokenizer, special_ids
@@ -75,14 +75,24 @@ def validate(model: BertRecommender, rows: list[dict], catalogue: Catalogue, spe
     was_training = model.training
     model.eval()
     ranks, protocol = model.validation_ranks(rows[rank::world], catalogue, special, device, settings)
+    res = MetricAccumulator(ks=DEFAULT_KS).update(_gathered(ranks, world)).result()
+    res["protocol"] = protocol
+    if model.searches:  # the rows with a query once more, as searches: search_ndcg@10, ...
+        queried = [r for r in rows[rank::world] if r.get("query_ids") is not None and len(r["query_ids"])]
+        search = _gathered(model.search_validation_ranks(queried, catalogue, special, device, settings), world)
+        if len(search):
+            res.update({SEARCH_PREFIX + k: v for k, v in MetricAccumulator(ks=DEFAULT_KS).update(search).result().items()})
+    model.train(was_training)
+    return res
+
+
+def _gathered(ranks: list[int], world: int) -> np.ndarray:
+    """Every DDP rank's ranks, concatenated (the same array on every rank)."""
     if world > 1:
         gathered: list[list[int]] = [None] * world  # type: ignore[list-item]
         torch.distributed.all_gather_object(gathered, ranks)
         ranks = [x for part in gathered for x in part]
-    model.train(was_training)
-    res = MetricAccumulator(ks=DEFAULT_KS).update(np.asarray(ranks, dtype=np.int64)).result()
-    res["protocol"] = protocol
-    return res
+    return np.asarray(ranks, dtype=np.int64)
 
 
 def set_seed(seed: int) -> None:

@@ -21,6 +21,8 @@ def format_summary(summary: dict) -> str:
         ("HR@10", m.get("hr@10")),
         ("MRR@10", m.get("mrr@10")),
         ("MRR", m.get("mrr")),
+        *((("search NDCG@10", m["search_ndcg@10"]), ("search HR@10", m.get("search_hr@10")))
+          if "search_ndcg@10" in m else ()),
         ("epoch", m.get("epoch")),
         ("step", m.get("global_step")),
         ("train loss", m.get("train_loss")),

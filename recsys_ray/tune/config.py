@@ -37,7 +37,7 @@ from recsys_ray.config import (
     value_problems,
 )
 from recsys_ray.errors import ConfigError, RecsysError, one_line
-from recsys_ray.evaluate.metrics import DEFAULT_KS, MetricAccumulator
+from recsys_ray.evaluate.metrics import DEFAULT_KS, SEARCH_PREFIX, MetricAccumulator
 from recsys_ray.model.losses import LOSSES
 from recsys_ray.model.tokenizer import resolve_encoder_path
 from recsys_ray.train.config import TrainConfig, load_train_config
@@ -77,7 +77,8 @@ MAX_COMBINATIONS = 512  # categorical combinations checked one by one; beyond th
 def reported_metrics() -> list[str]:
     """Every numeric key a trial reports per epoch (what ``tune.metric`` may name)."""
     ranking = MetricAccumulator(ks=DEFAULT_KS).update(np.zeros(1, dtype=np.int64)).result()
-    return sorted(k for k in ranking if k != "num_users") + list(TRAINING_KEYS)
+    names = sorted(k for k in ranking if k != "num_users")
+    return names + [SEARCH_PREFIX + k for k in names] + list(TRAINING_KEYS)  # search_*: search models only
 
 
 @dataclasses.dataclass
@@ -134,6 +135,9 @@ class SweepConfig:
                 f"tune.grace_period ({self.tune.grace_period}) must be < train.epochs ({self.train.epochs}): "
                 "ASHA could never stop a trial early (or use tune.scheduler: fifo)"
             )
+        if self.tune.metric.startswith(SEARCH_PREFIX) and not self.train.model.search_mix:
+            out.append(f"tune.metric: {self.tune.metric!r} is reported by search models only: set "
+                       "train.model.search_mix > 0")
         if value_problems(self.train):
             return out  # the base config's own problems are reported once, not per space value
         out.extend(space_problems(self.tune.search_space, to_dict(self.train), self.tune.search_alg))

@@ -65,6 +65,28 @@ def build_sequence_batch(ids_list: Sequence[Sequence[int]], special: tuple[int, 
     return pad_rows(rows, [len(r) for r in rows], pad_id)
 
 
+def block_layout(n_main: int, blocks: Sequence[tuple[int, int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Position ids (length,) and attention (length, length) bool of a row of ``n_main`` causal
+    tokens followed by query blocks ``(cut, n)``: a block's ``n`` tokens see the first ``cut`` main
+    tokens and their own block causally, with positions ``cut, cut + 1, ..`` as if they followed
+    those tokens directly, so each block reads exactly what :func:`search_context` of that shorter
+    history would. Main tokens never see a block; padding sees only itself."""
+    seg = np.full(length, -1)
+    lim = np.zeros(length, dtype=np.int64)
+    pos = np.zeros(length, dtype=np.int64)
+    seg[:n_main], lim[:n_main], pos[:n_main] = 0, np.arange(1, n_main + 1), np.arange(n_main)
+    o = n_main
+    for b, (cut, n) in enumerate(blocks, start=1):
+        seg[o:o + n], lim[o:o + n], pos[o:o + n] = b, cut, cut + np.arange(n)
+        o += n
+    idx = np.arange(length)
+    seen = (seg[None, :] == 0) & (idx[None, :] < lim[:, None])  # the history before the block's event
+    own = (seg[None, :] == seg[:, None]) & (seg[:, None] > 0) & (idx[None, :] <= idx[:, None])
+    visible = seen | own
+    visible[idx, idx] = True
+    return pos, visible
+
+
 class SequenceCollator:
     """User sequences -> causal next-item rows for one micro-batch.
 
@@ -74,14 +96,20 @@ class SequenceCollator:
     ``[CLS] profile [SEP] w_0 .. w_{n-2}``; the target at ``w_j``'s position is ``w_{j+1}``, and
     at ``[SEP]`` it is ``w_0`` when the window starts at the user's first event. For the sampled
     losses every target gets ``negatives`` uniform catalogue items other than itself.
+
+    Search windows (``search_mix``): a personal one appends the queries of the last event and of up
+    to ``search_queries - 1`` earlier events of the window, each as a ``[SEP] query`` block that
+    sees only the history before its event (:func:`block_layout`; the batch then carries
+    ``position_ids`` and ``visible``), its event the target at the block's last word piece; an
+    anonymous one (``search_anonymous``) is ``[SEP] [SEP] query`` -> the last event.
     """
 
     def __init__(self, items: Catalogue, special: tuple[int, int, int], item_offset: int, history_len: int,
                  negatives: int, tokenizer, seed: int, sampled: bool, search_mix: float = 0.0,
-                 search_anonymous: float = 0.0):
+                 search_anonymous: float = 0.0, search_queries: int = 1):
         self.items, self.special, self.offset, self.L = items, special, item_offset, history_len
         self.k, self.tok, self.sampled = negatives, tokenizer, sampled
-        self.search_mix, self.anonymous = search_mix, search_anonymous
+        self.search_mix, self.anonymous, self.n_queries = search_mix, search_anonymous, search_queries
         self.rng = np.random.default_rng(seed)
         self._profiles: dict[str, list[int]] = {}
         self._queries: dict[str, list[int]] = {}
@@ -100,7 +128,7 @@ class SequenceCollator:
         return self._profiles[row["user_id"]]
 
     def __call__(self, rows: list[dict]) -> Batch:
-        contexts, targets = [], []
+        contexts, targets, layouts = [], [], []
         for r in rows:
             seq = [self.items.index[i] for i in list(r["item_ids"])[: int(r["n_train"])]]  # n_train >= 1
             end = min(len(seq), int(self.rng.integers(1, len(seq) + self.L + 1)))
@@ -114,20 +142,37 @@ class SequenceCollator:
             for j in range(1, len(window)):
                 t[n_prefix + j] = window[j]
             queries = r.get("queries") if self.search_mix else None  # aligned with item_ids
-            query = queries[end - 1] if queries is not None else None
-            if query and self.rng.random() < self.search_mix:  # a search window: the last event's query
-                if self.rng.random() < self.anonymous:  # plain search: the query alone
-                    ctx, t = anonymous_context(self.special), [-100, -100]
-                ctx = search_context(ctx, self._query(query), self.special)
-                t = t + [-100] * (len(ctx) + 1 - len(t))
-                t[len(ctx)] = window[-1]
+            queries = list(queries[start:end]) if queries is not None else []  # aligned with window
+            blocks: list[tuple[int, int]] = []
+            if queries and queries[-1] and self.rng.random() < self.search_mix:  # a search window
+                if self.rng.random() < self.anonymous:  # plain search: the last event's query alone
+                    ctx = search_context(anonymous_context(self.special), self._query(queries[-1]), self.special)
+                    t = [-100] * (len(ctx) + 1)
+                    t[len(ctx)] = window[-1]
+                else:  # the last event's query and up to search_queries - 1 earlier ones, each its own block
+                    earlier = [c for c in range(0 if start == 0 else 1, len(window) - 1) if queries[c]]
+                    n = min(len(earlier), self.n_queries - 1)
+                    picked = sorted(self.rng.choice(earlier, size=n, replace=False).tolist()) if n else []
+                    for c in [*picked, len(window) - 1]:
+                        block = [self.special[1], *self._query(queries[c])]
+                        blocks.append((1 + n_prefix + c, len(block)))  # sees [CLS] profile [SEP] w_0 .. w_{c-1}
+                        ctx = [*ctx, *block]
+                        t = [*t, *([-100] * len(block))]
+                        t[-1] = window[c]
             contexts.append(ctx)
             targets.append(t)
+            layouts.append(blocks)
         b = build_sequence_batch(contexts, self.special)
         tgt = torch.full(b["input_ids"].shape, -100, dtype=torch.long)  # (B, L)
         for i, t in enumerate(targets):
             tgt[i, : len(t)] = torch.as_tensor(t)
         out = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "targets": tgt}
+        if any(layouts):  # query blocks: each row's positions and who sees whom
+            length = b["input_ids"].shape[1]
+            rows_pos, rows_vis = zip(*(block_layout(len(ctx) + 1 - sum(n for _, n in blocks), blocks, length)
+                                       for ctx, blocks in zip(contexts, layouts)))
+            out["position_ids"] = torch.as_tensor(np.stack(rows_pos))  # (B, L)
+            out["visible"] = torch.as_tensor(np.stack(rows_vis))  # (B, L, L) bool
         if self.sampled:
             pos = tgt[tgt >= 0]  # (M,) in the order train_scores selects them
             negs = torch.as_tensor(self.rng.integers(0, len(self.items), size=(len(pos), self.k)))
@@ -224,10 +269,19 @@ class ItemTokenRetriever(Retriever):
         items = self.item_emb((input_ids - off).clamp(min=0))  # (B, L, H)
         return torch.where(is_item, items, words)
 
-    def encode_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Unit-length user vector after every position (causal) -> (B, L, H)."""
+    def encode_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         position_ids: torch.Tensor | None = None, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """Unit-length user vector after every position (causal) -> (B, L, H); with ``visible``
+        (B, L, L) bool and ``position_ids`` (B, L), the query blocks of :func:`block_layout`."""
+        embeds = self._embed(input_ids)
+        if visible is not None:  # a prepared 4D mask is used as given: bool for sdpa, additive for eager
+            mask = visible[:, None]
+            if self.encoder.config._attn_implementation == "eager":
+                mask = torch.zeros(mask.shape, dtype=embeds.dtype, device=mask.device).masked_fill(
+                    ~mask, torch.finfo(embeds.dtype).min)
+            attention_mask = mask
         h = self.encoder(
-            inputs_embeds=self._embed(input_ids), attention_mask=attention_mask, use_cache=False
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # (B, L, H); position t sees positions <= t only
         return self.normalize(self.head(h))  # (B, L, H)
 
@@ -267,12 +321,14 @@ class ItemTokenRetriever(Retriever):
     def collator(self, catalogue, special, settings: TrainSettings, tokenizer, rank: int):
         return SequenceCollator(catalogue, special, self.item_offset, self.cfg.history_len, settings.negatives,
                                 tokenizer, settings.seed + rank, sampled=settings.loss != "softmax",
-                                search_mix=self.cfg.search_mix, search_anonymous=self.cfg.search_anonymous)
+                                search_mix=self.cfg.search_mix, search_anonymous=self.cfg.search_anonymous,
+                                search_queries=self.cfg.search_queries)
 
     def train_scores(self, batch: Batch) -> tuple[torch.Tensor, None]:
         """A prediction at every position with a target: (M, N) over the catalogue, or (M, 1 + K)
         over sampled candidates (column 0 the target)."""
-        vecs = self.encode_positions(batch["input_ids"], batch["attention_mask"])  # (B, L, H)
+        vecs = self.encode_positions(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"),
+                                     batch.get("visible"))  # (B, L, H)
         u = vecs[batch["targets"] >= 0]  # (M, H)
         items = self.item_vectors()  # (N, H)
         if "candidates" in batch:
@@ -294,6 +350,19 @@ class ItemTokenRetriever(Retriever):
                                     self.item_offset, self.cfg.history_len, special) for r in chunk]
 
         return self.full_ranks(rows, catalogue, item_vecs, special, device, settings.batch_size, contexts), "full"
+
+    @torch.no_grad()
+    def search_validation_ranks(self, rows, catalogue, special, device, settings: ValidationSettings) -> list[int]:
+        """Full-ranking ranks of the targets of validation rows that carry a query (``query_ids``),
+        each read as a search: the user's history, ``[SEP]``, the query."""
+        item_vecs = self.item_vectors().cpu()
+
+        def contexts(chunk):
+            return [search_context(history_context(r.get("profile_ids"), [catalogue.index[i] for i in r["seen_item_ids"]],
+                                                   self.item_offset, self.cfg.history_len, special),
+                                   list(r["query_ids"])[:MAX_QUERY_TOKENS], special) for r in chunk]
+
+        return self.full_ranks(rows, catalogue, item_vecs, special, device, settings.batch_size, contexts)
 
     # --- predictor side ------------------------------------------------------------------------
 
