@@ -154,7 +154,7 @@ def test_packed_query_blocks_read_exactly_what_a_search_of_the_shorter_history_r
         ends = [j for j in range(n, int(packed["attention_mask"][i].sum())) if int(tgt[j]) >= 0]
         starts = [n] + [e + 1 for e in ends[:-1]]
         assert 1 <= len(ends) <= 3
-        for s, e in zip(starts, ends):
+        for s, e in zip(starts, ends, strict=True):
             cut = int(packed["position_ids"][i, s])  # [CLS] profile [SEP] w_0 .. w_{c-1}
             history = [x - offset for x in window[sep_at + 1: cut - 1]]
             alone = model.search_context(history_context(window[:sep_at], history, offset, 8, special),

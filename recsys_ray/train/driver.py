@@ -176,7 +176,8 @@ def summary(result, run_plan: dict, seconds: float, storage_path: str = "") -> d
     return {
         "run": storage.uri_of(storage_path, str(result.path)),
         "best_checkpoint": storage.uri_of(storage_path, best_path) if best_path else None,
-        "metrics": {k: best_metrics.get(k) for k in SUMMARY_METRICS + SEARCH_SUMMARY if k in SUMMARY_METRICS or k in best_metrics},
+        "metrics": {**{k: best_metrics.get(k) for k in SUMMARY_METRICS},
+                    **{k: best_metrics[k] for k in SEARCH_SUMMARY if k in best_metrics}},
         "final": {k: last.get(k) for k in ("epoch", "global_step", "train_loss", "samples_per_s", "restarts",
                                            "resumed_from_step", "stopped_early")},
         "steps_per_epoch": run_plan["steps_per_epoch"],

@@ -34,7 +34,12 @@ from recsys_ray.checkpoint import (
 from recsys_ray.config import build_config, to_dict
 from recsys_ray.data import layout
 from recsys_ray.data.catalogue import Catalogue
-from recsys_ray.evaluate.metrics import DEFAULT_KS, SEARCH_PREFIX, MetricAccumulator, repeats_history
+from recsys_ray.evaluate.metrics import (
+    DEFAULT_KS,
+    SEARCH_PREFIX,
+    MetricAccumulator,
+    repeats_history,
+)
 from recsys_ray.model import kinds
 from recsys_ray.model.base import BertRecommender, ValidationSettings
 from recsys_ray.model.tokenizer import load_tokenizer, special_ids

@@ -170,7 +170,7 @@ class SequenceCollator:
         if any(layouts):  # query blocks: each row's positions and who sees whom
             length = b["input_ids"].shape[1]
             rows_pos, rows_vis = zip(*(block_layout(len(ctx) + 1 - sum(n for _, n in blocks), blocks, length)
-                                       for ctx, blocks in zip(contexts, layouts)))
+                                       for ctx, blocks in zip(contexts, layouts, strict=True)), strict=True)
             out["position_ids"] = torch.as_tensor(np.stack(rows_pos))  # (B, L)
             out["visible"] = torch.as_tensor(np.stack(rows_vis))  # (B, L, L) bool
         if self.sampled:
@@ -341,27 +341,28 @@ class ItemTokenRetriever(Retriever):
             return losses.softmax(scores, batch["targets"][batch["targets"] >= 0])  # (M, N) vs catalogue rows
         return losses.compute_loss(loss, scores)
 
+    def _valid_context(self, row: dict, catalogue, special) -> list[int]:
+        """A validation row's :func:`history_context` (profile, seen items)."""
+        return history_context(row.get("profile_ids"), [catalogue.index[i] for i in row["seen_item_ids"]],
+                               self.item_offset, self.cfg.history_len, special)
+
     @torch.no_grad()
     def validation_ranks(self, rows, catalogue, special, device, settings: ValidationSettings) -> tuple[list[int], str]:
-        item_vecs = self.item_vectors().cpu()
-
         def contexts(chunk):
-            return [history_context(r.get("profile_ids"), [catalogue.index[i] for i in r["seen_item_ids"]],
-                                    self.item_offset, self.cfg.history_len, special) for r in chunk]
+            return [self._valid_context(r, catalogue, special) for r in chunk]
 
+        item_vecs = self.item_vectors().cpu()
         return self.full_ranks(rows, catalogue, item_vecs, special, device, settings.batch_size, contexts), "full"
 
     @torch.no_grad()
     def search_validation_ranks(self, rows, catalogue, special, device, settings: ValidationSettings) -> list[int]:
         """Full-ranking ranks of the targets of validation rows that carry a query (``query_ids``),
         each read as a search: the user's history, ``[SEP]``, the query."""
-        item_vecs = self.item_vectors().cpu()
-
         def contexts(chunk):
-            return [search_context(history_context(r.get("profile_ids"), [catalogue.index[i] for i in r["seen_item_ids"]],
-                                                   self.item_offset, self.cfg.history_len, special),
-                                   list(r["query_ids"])[:MAX_QUERY_TOKENS], special) for r in chunk]
+            return [search_context(self._valid_context(r, catalogue, special), list(r["query_ids"])[:MAX_QUERY_TOKENS],
+                                   special) for r in chunk]
 
+        item_vecs = self.item_vectors().cpu()
         return self.full_ranks(rows, catalogue, item_vecs, special, device, settings.batch_size, contexts)
 
     # --- predictor side ------------------------------------------------------------------------
