@@ -47,6 +47,7 @@ from recsys_ray.tune.config import (
 _PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 LOSS_COLORS = dict(zip(LOSSES, _PALETTE, strict=False))  # one colour per loss of the registry
 COMPLETED, STOPPED, ERRORED, UNFINISHED = "completed", "stopped early (ASHA)", "errored", "unfinished"
+PATIENCE = "stopped early (own early_stopping)"  # the trial's run ended itself: validation stopped improving
 
 
 @dataclasses.dataclass
@@ -54,7 +55,7 @@ class TrialRecord:
     """One trial as the report sees it."""
 
     trial_id: str
-    status: str  # COMPLETED | STOPPED | ERRORED | UNFINISHED
+    status: str  # COMPLETED | STOPPED | PATIENCE | ERRORED | UNFINISHED
     tune_status: str  # Tune's own status (TERMINATED, ERROR, RUNNING, PENDING, PAUSED)
     params: dict  # the sampled values, by space key
     train: dict  # the trial's whole training config
@@ -93,6 +94,13 @@ def _error_line(text: str | None) -> str | None:
     return line.split("RecsysError: ")[-1][:300]
 
 
+def _stopped_itself(df) -> bool:
+    """Whether the trial's run reported ``stopped_early`` (train ``early_stopping``) on some epoch."""
+    if df is None or df.empty or "stopped_early" not in df:
+        return False
+    return any(v is True or v == 1 for v in df["stopped_early"].tolist())
+
+
 def _curve(df, metric: str) -> tuple[list[tuple[int, float]], dict[int, str]]:
     """Per-epoch points from a trial's results: the last row of each epoch wins (a trial resumed
     from scratch reports its first epochs again); mid-epoch checkpoints (not validated) are skipped."""
@@ -127,12 +135,15 @@ def collect_trials(path: str, sweep: SweepConfig) -> list[TrialRecord]:
     out = []
     for trial in analysis.trials:
         params = {k: trial.config[k] for k in keys if k in trial.config}
-        curve, ckpts = _curve(analysis.trial_dataframes.get(trial.trial_id), metric)
+        df = analysis.trial_dataframes.get(trial.trial_id)
+        curve, ckpts = _curve(df, metric)
         ckpts = {e: storage.uri_of(path, p) for e, p in ckpts.items()}  # Ray reports paths inside its fs
         status = trial.status
         epochs = max((e for e, _ in curve), default=0)
         if status == "ERROR":
             kind = ERRORED
+        elif status == "TERMINATED" and _stopped_itself(df):
+            kind = PATIENCE  # its own early stopping, which ASHA's "fewer epochs than max_t" would hide
         elif status == "TERMINATED":
             kind = COMPLETED if epochs >= max_epochs or sweep.tune.scheduler != "asha" else STOPPED
         else:
@@ -330,6 +341,7 @@ def write_report(path: str, out_dir: str | None = None) -> dict:
         "total": len(trials),
         "completed": sum(t.status == COMPLETED for t in trials),
         "early_stopped": sum(t.status == STOPPED for t in trials),
+        "stopped_by_patience": sum(t.status == PATIENCE for t in trials),
         "errored": sum(t.status == ERRORED for t in trials),
         "unfinished": sum(t.status == UNFINISHED for t in trials),
     }
@@ -385,15 +397,17 @@ def _plain(v):
 def _markdown(trials: list[TrialRecord], sweep: SweepConfig, path: str, counts: dict, best: dict, plots: dict) -> str:
     t = sweep.tune
     sched = (f"ASHA on `{t.metric}` ({t.mode}), time = epoch, grace period {t.grace_period}, "
-             f"reduction factor {t.reduction_factor}, max_t {sweep.train.epochs}") if t.scheduler == "asha" else "FIFO (no early stopping)"
+             f"reduction factor {t.reduction_factor}, max_t {sweep.train.epochs}") if t.scheduler == "asha" else "FIFO (no early stopping by Tune)"
     lines = [
         f"# HPO report: {t.name}",
         "",
         f"Sweep `{path}`: {counts['total']} trials ({counts['completed']} completed, {counts['early_stopped']} stopped "
-        f"early by ASHA, {counts['errored']} errored, {counts['unfinished']} unfinished). Search: {t.search_alg} "
+        f"early by ASHA, {counts['stopped_by_patience']} by their own early stopping, {counts['errored']} errored, {counts['unfinished']} unfinished). Search: {t.search_alg} "
         f"(seed {t.seed}), {t.num_samples} samples; scheduler: {sched}. Base training config: data `{sweep.train.data}`, "
         f"model {sweep.train.model.kind}" + (" (tiny random BERT)" if sweep.train.model.tiny else f" (`{sweep.train.model.encoder}`)")
-        + f", {sweep.train.epochs} epochs of at most {sweep.train.max_steps_per_epoch or 'all'} steps.",
+        + f", {sweep.train.epochs} epochs of at most {sweep.train.max_steps_per_epoch or 'all'} steps"
+        + (f"; each run's own early stopping on `{es.metric}` (patience {es.patience}, min_delta {es.min_delta:g})."
+           if (es := sweep.train.early_stopping).patience else "."),
         "",
         "Search space: " + ", ".join(f"`{k}`: {v}" for k, v in t.search_space.items()),
         "",
