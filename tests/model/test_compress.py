@@ -46,6 +46,8 @@ def test_int8_scores_stay_close_to_fp32_on_a_fixed_input_set(syn_data, tokenizer
     assert any(isinstance(m, DynamicLinear) for m in int8.retriever.encoder.modules())
     assert not any(type(m) is nn.Linear for m in int8.retriever.encoder.modules())  # every encoder linear layer
     assert any(type(m) is nn.Linear for m in fp32.retriever.encoder.modules())
+    schemes = {m.weight().qscheme() for m in int8.retriever.encoder.modules() if isinstance(m, DynamicLinear)}
+    assert schemes == {torch.per_channel_affine}  # one scale per output row
 
     # retriever: full-catalogue scores of 32 users (item vectors are the fp32 item tokens)
     a = fp32.retrieval_scores(fp32.example_contexts(batch), with_prior=False)
