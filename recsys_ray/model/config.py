@@ -27,6 +27,7 @@ class ModelConfig:
     RANGES: ClassVar[dict[str, str]] = {
         "temperature": "> 0", "dropout": "[0, 1)", "lora_alpha": "> 0", "lora_dropout": "[0, 1)",
         "history_len": ">= 1", "search_mix": "[0, 1]", "search_anonymous": "[0, 1]", "search_queries": ">= 1",
+        "item_text_dropout": "[0, 1)",
     }
 
     kind: Literal["ranker", "retriever"] = "ranker"  # ranker = cross-encoder, retriever = dual encoder
@@ -40,6 +41,11 @@ class ModelConfig:
     history: Literal["text", "items"] = "text"  # retriever: user history as rendered text, or as item tokens (causal)
     history_len: int = 50  # history="items": the last N history items the user tower reads
     item_init: Literal["text", "random"] = "text"  # history="items": item embeddings from word embeddings or random
+    # history="items", item_init text: the share of catalogue rows that, at each training step, read
+    # as their text initialisation instead of their learned token (the same rows on the input and the
+    # output side), through a learned linear map (``text_proj``, identity at first) that then also
+    # places every item added after training or held out (cold start). 0 = off
+    item_text_dropout: float = 0.0
     # personalised search (history="items"): the share of training windows whose last event's query
     # is appended after the history, ``[CLS] profile [SEP] items [SEP] query``, with that event as the
     # target at the query's last position. Causal attention leaves every earlier position as it was,
@@ -63,6 +69,9 @@ class ModelConfig:
             out.append(problem)
         if self.item_init not in ("text", "random"):
             out.append(f"model.item_init must be 'text' or 'random', got {self.item_init!r}")
+        if self.item_text_dropout and ((self.kind, self.history) != ("retriever", "items") or self.item_init != "text"):
+            out.append("model.item_text_dropout: needs the item-token retriever (kind retriever, history items) "
+                       "with item_init 'text'")
         if self.search_mix and (self.kind, self.history) != ("retriever", "items"):
             out.append("model.search_mix: personalised search is a mode of the item-token retriever "
                        "(kind retriever, history items)")

@@ -133,6 +133,48 @@ def test_the_sequence_model_lowers_its_loss_on_a_fixed_batch(syn_data, tokenizer
     assert seen[-1] < 0.8 * seen[0], seen
 
 
+def test_item_text_dropout_reads_a_random_share_of_items_as_their_text_on_both_sides(syn_data, tokenizer, items, tmp_path):
+    assert any("item_text_dropout" in p for p in config_problems(ModelConfig(kind="retriever", item_text_dropout=0.2)))
+    assert any("item_text_dropout" in p for p in config_problems(
+        ModelConfig(kind="retriever", history="items", item_init="random", item_text_dropout=0.2)))
+    assert any("item_text_dropout" in p for p in config_problems(
+        ModelConfig(kind="retriever", history="items", item_text_dropout=1.0)))
+    model = _model(tokenizer, items.tokens, item_text_dropout=0.5).train()
+    words = model.encoder.embeddings.word_embeddings.weight
+    mean = words[torch.tensor(items.tokens[3])].mean(0)
+    assert torch.allclose(model.item_emb.weight[3], mean, atol=1e-6)  # text_proj starts as the identity
+    with torch.no_grad():  # move every learned token away from its text start, and the map off identity
+        model.item_emb.weight.add_(torch.randn_like(model.item_emb.weight))
+        model.text_proj.weight.mul_(2.0)
+    text = model.initial_item_vectors(items.tokens)  # (N, H) what a new item gets now
+    assert torch.allclose(text[3], 2.0 * mean, atol=1e-5)
+    torch.manual_seed(3)
+    table = model._train_table()
+    as_text = torch.isclose(table, text).all(dim=1)
+    learned = torch.isclose(table, model.item_emb.weight).all(dim=1)
+    assert bool((as_text ^ learned).all())  # each row is one or the other
+    assert 0.3 < float(as_text.float().mean()) < 0.7, float(as_text.float().mean())
+    # the same draw on both sides: the input tokens and the scored item vectors
+    sp = special_ids(tokenizer)
+    ctx = history_context(None, list(range(8)), model.item_offset, 50, sp)
+    ids = torch.tensor([ctx])
+    embeds = model._embed(ids, table)[0, 1:]  # the 8 item positions after [SEP]
+    assert torch.allclose(embeds, table[:8]) and torch.allclose(model.item_vectors(table), model.normalize(table))
+    # gradients reach only the learned rows of the step; evaluation reads the learned tokens
+    seqs = pads.dataset(f"{syn_data}/sequences").to_table().slice(0, 16).to_pylist()
+    batch = SequenceCollator(items, sp, model.item_offset, 8, 0, tokenizer, 0, sampled=False)(seqs)
+    torch.manual_seed(3)
+    scores, _ = model.train_scores(batch)
+    model.train_loss("softmax", scores, None, batch).backward()
+    grad_rows = model.item_emb.weight.grad.abs().sum(dim=1) > 0
+    assert not bool((grad_rows & as_text).any()) and bool((grad_rows & learned).any())
+    assert model.text_proj.weight.grad.abs().sum() > 0  # the map learns from the rows read as text
+    assert model.eval()._train_table() is None
+    again = load_model(model.save(tmp_path / "ck"))  # the learned map travels with the checkpoint
+    assert torch.equal(again.initial_item_vectors(items.tokens[:5]), model.initial_item_vectors(items.tokens[:5]))
+    assert _model(tokenizer, items.tokens).train()._train_table() is None  # off by default
+
+
 def _save(data: str, tokenizer, path: Path, seed=0) -> str:
     items = Catalogue.from_data_dir(data)
     model = _model(tokenizer, items.tokens, seed=seed)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from recsys_ray.data import layout
 from recsys_ray.data.catalogue import Catalogue
@@ -197,6 +198,11 @@ class ItemTokenRetriever(Retriever):
             raise RecsysError("a history='items' retriever needs the catalogue (num_items >= 1)")
         # (N, H) one vector per catalogue row: input tokens of the history and the item tower (tied)
         self.item_emb = nn.Embedding(num_items, hidden)
+        if self.cfg.item_text_dropout > 0:  # the text start of an item, mapped to where trained items live
+            self.text_proj = nn.Linear(hidden, hidden)
+            with torch.no_grad():  # identity at first: a new model's items start exactly as without it
+                self.text_proj.weight.copy_(torch.eye(hidden))
+                self.text_proj.bias.zero_()
 
     @classmethod
     def encoder_options(cls) -> dict:
@@ -211,25 +217,54 @@ class ItemTokenRetriever(Retriever):
     @torch.no_grad()
     def initial_item_vectors(self, item_tokens: Sequence[Sequence[int]]) -> torch.Tensor:
         """(n, H) first embeddings of items with these token ids: the mean of each item's
-        word-piece embeddings ("text"), or BERT's random init. The one rule for items at first
-        training, items new to a warm-started run and items added to a serving model."""
-        words = self.encoder.embeddings.word_embeddings.weight  # (V, H)
-        out = torch.empty(len(item_tokens), words.shape[1], dtype=words.dtype, device=words.device)
+        word-piece embeddings ("text"; through ``text_proj`` when the model learned one with
+        ``item_text_dropout``), or BERT's random init. The one rule for items at first training,
+        items new to a warm-started run and items added to a serving model."""
         if self.cfg.item_init == "random":
+            words = self.encoder.embeddings.word_embeddings.weight
+            out = torch.empty(len(item_tokens), words.shape[1], dtype=words.dtype, device=words.device)
             return out.normal_(std=self.encoder.config.initializer_range)
+        return self._text_vectors(item_tokens)
+
+    def _text_vectors(self, item_tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """(n, H) each item's mean word-piece embedding (no gradient), then ``text_proj`` if any
+        (with its gradient when called under autograd)."""
+        words = self.encoder.embeddings.word_embeddings.weight.detach()  # (V, H)
+        out = torch.empty(len(item_tokens), words.shape[1], dtype=words.dtype, device=words.device)
         for row, ids in enumerate(item_tokens):
             ids = torch.as_tensor(list(ids), dtype=torch.long, device=words.device)
             out[row] = words[ids].mean(dim=0) if len(ids) else words.mean(dim=0)
-        return out
+        proj = getattr(self, "text_proj", None)
+        return out if proj is None else proj(out)
 
     @torch.no_grad()
     def init_tables(self, item_tokens: Sequence[Sequence[int]] | None) -> None:
         self.item_emb.weight.copy_(self.initial_item_vectors(item_tokens))
+        self._item_tokens = [list(ids) for ids in item_tokens or ()]
 
     @torch.no_grad()
     def reinit_items(self, rows: Sequence[int], item_tokens: Sequence[Sequence[int]]) -> None:
         if len(rows):
             self.item_emb.weight[torch.as_tensor(list(rows), dtype=torch.long)] = self.initial_item_vectors(item_tokens)
+
+    def _train_table(self) -> torch.Tensor | None:
+        """(N, H) the item table of one training step under ``model.item_text_dropout`` p: a fresh
+        random p of the rows read as :meth:`initial_item_vectors` (their text through ``text_proj``,
+        which learns here where an untrained item belongs: DropoutNet, Volkovs et al. 2017), the rest
+        as their learned tokens; None when off or none drawn."""
+        p = self.cfg.item_text_dropout
+        if not (self.training and p > 0):
+            return None
+        weight = self.item_emb.weight
+        tokens = getattr(self, "_item_tokens", None)
+        if tokens is None or len(tokens) != len(weight):
+            raise RecsysError("model.item_text_dropout needs the item tokens of the model's catalogue")
+        drop = torch.rand(len(weight), device=weight.device) < p  # (N,)
+        rows = drop.nonzero().flatten().tolist()
+        if not rows:
+            return None
+        text = self._text_vectors([tokens[r] for r in rows])  # (R, H) the rule for new items; trains text_proj
+        return weight.index_copy(0, torch.as_tensor(rows, dtype=torch.long, device=weight.device), text)
 
     @torch.no_grad()
     def adopt_catalogue(self, old: Catalogue, new: Catalogue) -> dict:
@@ -244,6 +279,7 @@ class ItemTokenRetriever(Retriever):
             rows, old_rows = (torch.as_tensor(x, dtype=torch.long) for x in zip(*known, strict=True))
             weight[rows] = self.item_emb.weight[old_rows]
         self.item_emb = nn.Embedding.from_pretrained(weight, freeze=False)
+        self._item_tokens = [list(ids) for ids in new.tokens]
         return counts
 
     @classmethod
@@ -261,19 +297,23 @@ class ItemTokenRetriever(Retriever):
     def num_items(self) -> int:
         return self.item_emb.num_embeddings
 
-    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, L) ids, word pieces below ``item_offset`` and items above -> (B, L, H) input vectors."""
+    def _embed(self, input_ids: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) ids, word pieces below ``item_offset`` and items above -> (B, L, H) input vectors
+        (items from ``table`` (N, H) when given, else the item embeddings)."""
         off = self.item_offset
         is_item = (input_ids >= off).unsqueeze(-1)  # (B, L, 1)
         words = self.encoder.embeddings.word_embeddings(input_ids.clamp(max=off - 1))  # (B, L, H)
-        items = self.item_emb((input_ids - off).clamp(min=0))  # (B, L, H)
+        rows = (input_ids - off).clamp(min=0)
+        items = self.item_emb(rows) if table is None else F.embedding(rows, table)  # (B, L, H)
         return torch.where(is_item, items, words)
 
     def encode_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         position_ids: torch.Tensor | None = None, visible: torch.Tensor | None = None) -> torch.Tensor:
+                         position_ids: torch.Tensor | None = None, visible: torch.Tensor | None = None,
+                         table: torch.Tensor | None = None) -> torch.Tensor:
         """Unit-length user vector after every position (causal) -> (B, L, H); with ``visible``
-        (B, L, L) bool and ``position_ids`` (B, L), the query blocks of :func:`block_layout`."""
-        embeds = self._embed(input_ids)
+        (B, L, L) bool and ``position_ids`` (B, L), the query blocks of :func:`block_layout`;
+        ``table`` replaces the item embeddings (:meth:`_train_table`)."""
+        embeds = self._embed(input_ids, table)
         if visible is not None:  # a prepared 4D mask is used as given: bool for sdpa, additive for eager
             mask = visible[:, None]
             if self.encoder.config._attn_implementation == "eager":
@@ -292,9 +332,9 @@ class ItemTokenRetriever(Retriever):
         vecs = self.encode_positions(input_ids, attention_mask)  # (B, L, H)
         return vecs[torch.arange(len(last), device=vecs.device), last]  # (B, H)
 
-    def item_vectors(self) -> torch.Tensor:
-        """Every catalogue item's unit vector (N, H) (the tied item embeddings)."""
-        return self.normalize(self.item_emb.weight)
+    def item_vectors(self, table: torch.Tensor | None = None) -> torch.Tensor:
+        """Every catalogue item's unit vector (N, H) (the tied item embeddings, or ``table``)."""
+        return self.normalize(self.item_emb.weight if table is None else table)
 
     def input_batch(self, ids_list, special) -> Batch:
         return build_sequence_batch(ids_list, special)
@@ -327,10 +367,11 @@ class ItemTokenRetriever(Retriever):
     def train_scores(self, batch: Batch) -> tuple[torch.Tensor, None]:
         """A prediction at every position with a target: (M, N) over the catalogue, or (M, 1 + K)
         over sampled candidates (column 0 the target)."""
+        table = self._train_table()  # the same rows read as text on both sides, or None
         vecs = self.encode_positions(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"),
-                                     batch.get("visible"))  # (B, L, H)
+                                     batch.get("visible"), table)  # (B, L, H)
         u = vecs[batch["targets"] >= 0]  # (M, H)
-        items = self.item_vectors()  # (N, H)
+        items = self.item_vectors(table)  # (N, H)
         if "candidates" in batch:
             return torch.einsum("mh,mkh->mk", u, items[batch["candidates"]]) / self.cfg.temperature, None
         return self.score(u, items), None
