@@ -1,8 +1,9 @@
 """Compressed encoders for serving and evaluation (``precision`` of the Predictor).
 
 ``int8``: dynamic quantization of every ``nn.Linear`` of the BERT encoder (attention and
-feed-forward layers, int8 weights with one scale per output channel; the kind's small head stays fp32: a one-output ranker head in int8 loses
-the ranking) with PyTorch's own ``torch.ao.quantization.quantize_dynamic``:
+feed-forward layers, int8 weights with one scale per output channel; the kind's small head stays
+fp32: a one-output ranker head in int8 loses the ranking) with PyTorch's own
+``torch.ao.quantization.quantize_dynamic``:
 weights stored as int8, activations quantized per batch, CPU only (x86 / ARM kernels). Embedding
 tables (word pieces, positions, item tokens) stay fp32, so item vectors of the item-token
 retriever are exact and only the user encoder is approximated. Scores stay close to fp32

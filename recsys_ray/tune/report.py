@@ -98,7 +98,7 @@ def _stopped_itself(df) -> bool:
     """Whether the trial's run reported ``stopped_early`` (train ``early_stopping``) on some epoch."""
     if df is None or df.empty or "stopped_early" not in df:
         return False
-    return any(v is True or v == 1 for v in df["stopped_early"].tolist())
+    return bool(df["stopped_early"].eq(1).any())
 
 
 def _curve(df, metric: str) -> tuple[list[tuple[int, float]], dict[int, str]]:

@@ -198,6 +198,7 @@ class ItemTokenRetriever(Retriever):
             raise RecsysError("a history='items' retriever needs the catalogue (num_items >= 1)")
         # (N, H) one vector per catalogue row: input tokens of the history and the item tower (tied)
         self.item_emb = nn.Embedding(num_items, hidden)
+        self._item_tokens: list[list[int]] = []  # each row's word pieces (init_tables, adopt_catalogue)
         if self.cfg.item_text_dropout > 0:  # the text start of an item, mapped to where trained items live
             self.text_proj = nn.Linear(hidden, hidden)
             with torch.no_grad():  # identity at first: a new model's items start exactly as without it
@@ -256,8 +257,8 @@ class ItemTokenRetriever(Retriever):
         if not (self.training and p > 0):
             return None
         weight = self.item_emb.weight
-        tokens = getattr(self, "_item_tokens", None)
-        if tokens is None or len(tokens) != len(weight):
+        tokens = self._item_tokens
+        if len(tokens) != len(weight):
             raise RecsysError("model.item_text_dropout needs the item tokens of the model's catalogue")
         drop = torch.rand(len(weight), device=weight.device) < p  # (N,)
         rows = drop.nonzero().flatten().tolist()
