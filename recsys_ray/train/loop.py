@@ -289,6 +289,13 @@ def train_loop_per_worker(config: dict) -> None:
     autocast = (
         torch.autocast(device_type="cuda", dtype=torch.bfloat16) if w.device.type == "cuda" else contextlib.nullcontext()
     )
+    if stopped_before(w):
+        # a run that ended itself must not train on when it is resumed (the same command again,
+        # a restored Tune trial): its last checkpoint and report already are the run's end
+        if w.rank == 0:
+            log.info("this run stopped early after epoch %d (early_stopping): nothing left to train",
+                     w.progress["epoch"])
+        return
     stream = micro_batches(w)
     global_step = w.progress["global_step"]
     for epoch in range(w.progress["epoch"], cfg.epochs):
@@ -339,6 +346,13 @@ def train_loop_per_worker(config: dict) -> None:
                          "%g for %d epochs", epoch + 1, cfg.epochs, cfg.early_stopping.metric, es["best"],
                          es["best_epoch"], cfg.early_stopping.min_delta, es["bad_epochs"])
             break
+
+
+def stopped_before(w: Worker) -> bool:
+    """True when the checkpoint this worker resumed from was saved by the epoch that stopped the
+    run early (the counter it carries has reached this config's patience)."""
+    es, patience = w.progress.get("early_stopping"), w.cfg.early_stopping.patience
+    return bool(w.resumed and patience and es and es["bad_epochs"] >= patience)
 
 
 def early_stopping_update(w: Worker, metrics: dict) -> bool:

@@ -102,10 +102,12 @@ def trial_driver(config: dict, base_train: dict | None = None, guard=None) -> No
 
 
 def finished_run_result(run_path: str, epochs: int) -> dict | None:
-    """The last result of a Ray Train run that already finished all ``epochs``, else None
-    (read from the checkpoint Ray Train would resume from)."""
+    """The last result of a Ray Train run that already finished: all ``epochs``, or stopped by
+    its own early stopping; else None (read from the checkpoint Ray Train would resume from)."""
     latest = latest_result(run_path)
-    if not latest or int(latest.get("epoch", 0)) < epochs or latest.get("validated") is False:
+    if not latest or latest.get("validated") is False:
+        return None
+    if int(latest.get("epoch", 0)) < epochs and not latest.get("stopped_early"):
         return None
     return latest
 

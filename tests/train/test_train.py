@@ -233,6 +233,13 @@ def test_early_stopping_ends_a_run_whose_validation_stops_improving(syn_data, tm
     last = max((p for p in Path(res["run"]).glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name)
     state = json.loads((last / "train_state.json").read_text())
     assert state["progress"]["early_stopping"]["bad_epochs"] == 2, state
+    # the same command again resumes the run from that checkpoint and trains nothing more: a run
+    # that ended itself stays ended (before, it went on to epoch 4 and stopped again)
+    checkpoints = sorted(p.name for p in Path(res["run"]).glob("checkpoint_*"))
+    again = fit(cfg)
+    assert sorted(p.name for p in Path(again["run"]).glob("checkpoint_*")) == checkpoints
+    assert again["best_checkpoint"] == res["best_checkpoint"], (again, res)
+    assert (again["final"]["epoch"], again["final"]["global_step"]) in ((3, 6), (None, None)), again
 
 
 # the hook travels to the Train workers by value: they cannot import this test module

@@ -161,6 +161,10 @@ def test_a_trial_whose_run_already_finished_is_not_trained_again(tmp_path):
     (run / "checkpoint_manager_snapshot.json").write_text(json.dumps({"latest_checkpoint_result": latest}))
     assert finished_run_result(str(run), epochs=2) == {**latest["metrics"], "checkpoint_path": str(run / "checkpoint_2")}
     assert finished_run_result(str(run), epochs=3) is None  # not finished: Ray Train resumes it
+    # a run that stopped itself (early_stopping) before its last epoch is finished too
+    stopped = {**latest, "metrics": {**latest["metrics"], "stopped_early": True}}
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps({"latest_checkpoint_result": stopped}))
+    assert finished_run_result(str(run), epochs=3)["stopped_early"] is True
     assert finished_run_result(str(tmp_path / "never-started"), epochs=2) is None
 
 
