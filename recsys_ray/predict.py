@@ -130,6 +130,17 @@ class Predictor:
         self._index: IVFIndex | None = None  # cfg.index == "ivf": built on first use (build_index)
         self._prior = self._popularity_prior()
         self._swap = threading.Lock()  # add_items replaces (items, item vectors, prior) together
+        if cfg.precision.startswith("onnx"):
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One pass of each model on a one-item history, so that the ONNX exports happen while the
+        Predictor loads (a replica's start-up), not in its first request."""
+        with torch.no_grad():
+            if self.retriever is not None:
+                self.user_vectors([self.context_ids(self.items.ids[:1], kind="retriever")])
+            if self.ranker is not None:
+                self.score_pairs([self.context_ids(self.items.ids[:1], kind="ranker")], self.candidate_ids([0]))
 
     def _load(self, path: str, role: str) -> BertRecommender:
         origin = checkpoint.locate(path)  # the checkpoint itself (a URI stays one): what /readyz reports

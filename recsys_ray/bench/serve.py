@@ -114,6 +114,7 @@ class BenchServeConfig:
     offline_pairs: int = 640  # pairs scored per offline measurement
     mode: Literal["ranker", "recommend"] = "ranker"  # recommend: local.yaml's retriever-only /v1/recommend vs offline
     recommend_concurrency: list[int] = dataclasses.field(default_factory=lambda: [1, 8])  # mode=recommend clients
+    precision: Literal["fp32", "int8", "onnx", "onnx-int8"] = "fp32"  # mode=recommend: the retriever's, offline and served
     quick: bool = False  # short points, fewer of them (a smoke run, not numbers to quote)
     gpu: bool = False  # model replicas / plain server / offline predictor on CUDA
     seed: int = 0
@@ -783,13 +784,13 @@ def _ratio(a, b) -> float | None:
 
 
 def offline_recommend(ckpt: str, bodies: list[dict], config: dict, batches: tuple[int, ...] = (1, 8, 16),
-                      users: int = 96) -> dict:
+                      users: int = 96, precision: str = "fp32") -> dict:
     """users/s of ``Predictor.recommend`` (k 10, history excluded) with local.yaml's settings on one
     torch thread (the Retriever replica's), ``b`` users per call for each b: the offline ceiling."""
     args = config["applications"][0]["args"]
     threads_before = torch.get_num_threads()
     p = Predictor(PredictorConfig(retriever=ckpt, batch_size=args["forward_batch_size"], torch_threads=1,
-                                  popularity_weight=args.get("popularity_weight", 0.0)))
+                                  popularity_weight=args.get("popularity_weight", 0.0), precision=precision))
     try:
         ctx = [p.user_inputs(b["user"]) for b in bodies[:users]]
         excl = [p.items.rows(b["user"].get("history") or []) for b in bodies[:users]]
@@ -809,7 +810,9 @@ def run_recommend(cfg: BenchServeConfig, ckpt: dict[str, str], rec_bodies: list[
     """mode=recommend: local.yaml (Retriever only) on the run's checkpoint, closed loops on
     /v1/recommend at each of ``recommend_concurrency``, with each point's Server-Timing stages."""
     config = yaml.safe_load(RETRIEVER_CONFIG.read_text())
-    out: dict = {"offline": offline_recommend(ckpt["retriever"], rec_bodies, config), "closed": {}}
+    config["applications"][0]["args"]["precision"] = cfg.precision
+    out: dict = {"offline": offline_recommend(ckpt["retriever"], rec_bodies, config, precision=cfg.precision),
+                 "closed": {}, "precision": cfg.precision}
     log.info("offline recommend: %s", out["offline"])
     init_ray()
     port = free_port(HOST)
@@ -839,7 +842,7 @@ def recommend_markdown(res: dict) -> str:
     names = list(dict.fromkeys(k for r in closed.values() for k in (r.get("stages_ms") or {})))
     lines = [f"Command: `{res['command']}`  ", f"{res['date']}, {res['machine']['cpus']} CPUs, Ray {res['machine']['ray']}; "
              f"wall time {res['wall_s']:.0f} s.", "",
-             "| offline Predictor.recommend (1 thread) | users/s |", "|---|---|"]
+             f"| offline Predictor.recommend (1 thread, {res['recommend'].get('precision', 'fp32')}) | users/s |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in off.items()]
     lines += ["", "| /v1/recommend | req/s | x offline best | p50 ms | p99 ms | " + " | ".join(names) + " | outside the route |",
               "|---|---|---|---|---|" + "---|" * (len(names) + 1)]

@@ -14,6 +14,9 @@ NDCG@10 of both on MovieLens-100K).
 tensor cores run them several times faster than fp32; they run on CPU too, slower). Float inputs
 (the item-token retriever's input embeddings) are cast on the way in and the hidden states come
 out as fp32, so the heads, the item-vector table and every score after the encoder stay fp32.
+
+``onnx`` / ``onnx-int8``: the encoder exported to ONNX and run by ONNX Runtime on the CPU, in fp32
+or with ONNX Runtime's own int8 dynamic quantization (:mod:`recsys_ray.model.onnx_backend`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import nn
 
 from recsys_ray.errors import RecsysError
 
-PRECISIONS = ("fp32", "int8", "bf16", "fp16")
+PRECISIONS = ("fp32", "int8", "bf16", "fp16", "onnx", "onnx-int8")
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -40,9 +43,15 @@ def compress(model: nn.Module, precision: str, device: torch.device) -> nn.Modul
         model.precision = precision
         return model
     if device.type != "cpu":
-        raise RecsysError(f"precision int8 runs on CPU only (device is {device}); use fp32, bf16 or fp16 on GPUs")
+        raise RecsysError(f"precision {precision} runs on CPU only (device is {device}); use fp32, bf16 or fp16 on GPUs")
     if getattr(model, "lora_rank", None) is not None:
-        raise RecsysError("precision int8 needs plain weights: this checkpoint carries unmerged LoRA adapters")
+        raise RecsysError(f"precision {precision} needs plain weights: this checkpoint carries unmerged LoRA adapters")
+    if precision.startswith("onnx"):
+        from recsys_ray.model.onnx_backend import OrtEncoder
+
+        model.encoder = OrtEncoder(model.encoder, quantize=precision == "onnx-int8")
+        model.precision = precision
+        return model
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     with warnings.catch_warnings():  # torch marks its quantized tensor constructors deprecated (still the API in 2.13)

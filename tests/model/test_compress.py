@@ -90,7 +90,11 @@ def test_what_int8_cannot_do_is_refused_with_the_reason(tokenizer):
     plain = from_config(ModelConfig(kind="ranker", tiny=SMALL), tokenizer)
     with pytest.raises(RecsysError, match="CPU only"):
         compress(plain, "int8", torch.device("cuda"))
-    with pytest.raises(RecsysError, match="precision 'int4': one of fp32, int8, bf16, fp16"):
+    with pytest.raises(RecsysError, match="precision onnx-int8 runs on CPU only"):
+        compress(plain, "onnx-int8", torch.device("cuda"))
+    with pytest.raises(RecsysError, match="precision onnx needs plain weights"):
+        compress(model, "onnx", torch.device("cpu"))
+    with pytest.raises(RecsysError, match="precision 'int4': one of fp32, int8, bf16, fp16, onnx, onnx-int8"):
         compress(plain, "int4", torch.device("cpu"))
     assert compress(plain, "fp32", torch.device("cpu")) is plain
 
@@ -123,3 +127,51 @@ def test_half_precision_encoders_keep_scores_close_and_the_tables_fp32(syn_data,
           f"ranker logit correlation {corr_r:.4f}")
     assert rel < 0.05 and top_overlap > 0.8
     assert corr_r > 0.9
+
+
+def test_onnx_runtime_encoders_match_fp32_and_int8_stays_close(syn_data, tokenizer, tmp_path):
+    """precision onnx: the encoder exported at load and run by ONNX Runtime gives the eager scores
+    (float rounding only) at batch sizes and lengths other than the export's; onnx-int8 (ONNX
+    Runtime's int8, one scale per channel) stays close. Item vectors stay the exact fp32 table."""
+    from recsys_ray.model.onnx_backend import OrtEncoder
+
+    ck = _checkpoints(syn_data, tokenizer, tmp_path)
+    rows = read_split_rows(syn_data, "test")[:32]
+    batch = {k: [r[k] for r in rows] for k in ("context_ids", "seen_item_ids", "profile_ids")}
+    cfg = {"retriever": ck["items"], "ranker": ck["ranker"], "batch_size": 7}  # batches of 7 and 4, not the export's 1
+    fp32 = Predictor(PredictorConfig(**cfg))
+    a = fp32.retrieval_scores(fp32.example_contexts(batch), with_prior=False)
+    ctx = fp32.example_contexts(batch, "ranker")
+    cands = [fp32.candidate_ids(list(range(j, j + 8))) for j in range(len(ctx))]
+    sa = np.concatenate(fp32.score_many(ctx, cands))
+    out = {}
+    for precision in ("onnx", "onnx-int8"):
+        p = Predictor(PredictorConfig(**cfg, precision=precision))
+        for model in (p.retriever, p.ranker):
+            assert isinstance(model.encoder, OrtEncoder) and len(model.encoder.exported) == 1  # exported at load
+        assert torch.equal(p.item_vectors(), fp32.item_vectors())
+        b = p.retrieval_scores(p.example_contexts(batch), with_prior=False)
+        sb = np.concatenate(p.score_many(ctx, cands))
+        assert b.dtype == np.float32 and len(p.retriever.encoder.exported) == 1  # one signature serves every shape
+        out[precision] = (np.abs(a - b).max() / (a.max() - a.min()),
+                          np.mean([np.corrcoef(a[j], b[j])[0, 1] for j in range(len(a))]),
+                          np.mean([len(set(np.argsort(-a[j])[:10]) & set(np.argsort(-b[j])[:10])) / 10 for j in range(len(a))]),
+                          np.abs(sa - sb).max() / (sa.max() - sa.min()), np.corrcoef(sa, sb)[0, 1])
+        print(precision, "vs fp32: retriever max |diff| {:.2e} of the range, correlation {:.4f}, top-10 overlap {:.2f}; "
+              "ranker max |diff| {:.2e} of the range, correlation {:.4f}".format(*out[precision]))
+    rel, corr, overlap, rel_r, corr_r = out["onnx"]
+    assert rel < 1e-4 and overlap > 0.99 and rel_r < 1e-3 and corr_r > 0.9999  # the same function
+    rel, corr, overlap, rel_r, corr_r = out["onnx-int8"]
+    assert rel < 0.1 and corr > 0.98 and overlap > 0.7 and corr_r > 0.7  # int8: the bounds of torch's int8 above
+
+
+def test_the_precision_benchmark_compares_each_backend_with_fp32_in_one_run(syn_data, tokenizer, tmp_path):
+    from recsys_ray.bench.precision import compare
+
+    ck = _checkpoints(syn_data, tokenizer, tmp_path)
+    out = compare(ck["items"], None, syn_data, users=8, batch=4, precisions=("onnx",))
+    assert out["fp32"]["users_per_s_one_per_call"] > 0 and out["onnx"]["users_per_s_batched"] > 0
+    assert out["onnx_over_fp32"]["users_per_s_batched"] == pytest.approx(
+        out["onnx"]["users_per_s_batched"] / out["fp32"]["users_per_s_batched"], abs=1e-3)
+    diff = out["onnx_retriever_score_diff"]
+    assert diff["correlation"] > 0.9999 and diff["top10_overlap"] == 1.0, diff
