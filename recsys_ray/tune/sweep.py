@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import sys
 import time
@@ -76,7 +77,27 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def trial_driver(config: dict, base_train: dict | None = None, guard=None) -> None:
+def recorded_steps(path: str) -> dict[str, int]:
+    """Trial id -> the ``global_step`` of the last result Tune stored for it (its result.json)
+    under the sweep at ``path``: read before a resume, so that a trial whose finished result Tune
+    had already written, but whose end it never saved, does not report that result twice."""
+    import pyarrow.fs as pafs
+
+    fs, root = storage.filesystem(path)
+    out = {}
+    for entry in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if entry.type != pafs.FileType.Directory or not entry.base_name.startswith("trial_"):
+            continue
+        text = storage.read_text(storage.join(path, entry.base_name, "result.json")) or ""
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        if lines:
+            with contextlib.suppress(ValueError, TypeError):
+                out[entry.base_name.removeprefix("trial_")] = int(json.loads(lines[-1]).get("global_step"))
+    return out
+
+
+def trial_driver(config: dict, base_train: dict | None = None, guard=None,
+                 recorded: dict[str, int] | None = None) -> None:
     """One Tune trial: base config + sampled values -> the TorchTrainer of jobs/train.py -> fit.
 
     Metrics reach Tune through ``TuneReportCallback`` (one result per epoch, with the checkpoint
@@ -88,9 +109,11 @@ def trial_driver(config: dict, base_train: dict | None = None, guard=None) -> No
     name = train_run_name(trial_id)
     finished = finished_run_result(storage.join(cfg.storage_path, name), cfg.epochs)
     if finished is not None:
-        # The run saved its last epoch, but the sweep was interrupted before Tune heard of it:
-        # hand Tune that result instead of starting workers that have nothing left to do.
-        tune.report(finished)
+        # The run saved its last epoch (or stopped itself), but the sweep was interrupted before
+        # Tune saved the trial's end: hand Tune that result instead of starting workers that have
+        # nothing left to do - unless Tune had stored it already (then the trial just ends).
+        if (recorded or {}).get(trial_id) != finished.get("global_step"):
+            tune.report(finished)
         return
     # one progress bar per trial's data stream would drown Tune's own status lines
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -220,10 +243,10 @@ def _asha_refill_callback(scheduler, path: str, metric: str, mode: str):
     return RefillAshaRungs()
 
 
-def _trainable(sweep: SweepConfig, guard=None):
+def _trainable(sweep: SweepConfig, guard=None, recorded: dict[str, int] | None = None):
     base = to_dict(sweep.train)
     base["storage_path"] = storage.join(sweep.experiment_path, TRAIN_RUNS)
-    fn = tune.with_parameters(trial_driver, base_train=base, guard=guard)
+    fn = tune.with_parameters(trial_driver, base_train=base, guard=guard, recorded=recorded or {})
     return tune.with_resources(fn, trial_resources(sweep))
 
 
@@ -322,7 +345,8 @@ def resume_sweep(path_or_name: str, storage_path: str | None = None) -> dict:
     log.info("resuming sweep %s", path)
     guard = start_guard()
     target, fs = storage.ray_target(path)
-    tuner = Tuner.restore(target, trainable=_trainable(sweep, guard), resume_unfinished=True, resume_errored=True,
+    recorded = recorded_steps(path)  # before Tune appends to the trials' results
+    tuner = Tuner.restore(target, trainable=_trainable(sweep, guard, recorded), resume_unfinished=True, resume_errored=True,
                           storage_filesystem=fs)
     _fit(tuner, guard)
     summary = write_report(path)

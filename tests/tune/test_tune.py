@@ -30,7 +30,13 @@ from recsys_ray.tune.config import (
     space_problems,
     tune_space,
 )
-from recsys_ray.tune.sweep import derive_concurrency, finished_run_result, resume_sweep, run_sweep
+from recsys_ray.tune.sweep import (
+    derive_concurrency,
+    finished_run_result,
+    recorded_steps,
+    resume_sweep,
+    run_sweep,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
@@ -166,6 +172,11 @@ def test_a_trial_whose_run_already_finished_is_not_trained_again(tmp_path):
     (run / "checkpoint_manager_snapshot.json").write_text(json.dumps({"latest_checkpoint_result": stopped}))
     assert finished_run_result(str(run), epochs=3)["stopped_early"] is True
     assert finished_run_result(str(tmp_path / "never-started"), epochs=2) is None
+    # what Tune had stored of each trial before a resume: the last result's step
+    (tmp_path / "trial_x" / "result.json").write_text(json.dumps({"epoch": 1, "global_step": 8}) + "\n"
+                                                      + json.dumps({"epoch": 2, "global_step": 16}) + "\n")
+    (tmp_path / "trial_y").mkdir()  # not reported yet
+    assert recorded_steps(str(tmp_path)) == {"x": 16}
 
 
 def test_the_job_refuses_bad_input_before_ray_starts(tmp_path):
@@ -210,11 +221,14 @@ def test_sweep_driver_killed_then_resumed_runs_every_trial_once_stops_weak_ones_
         ray_session, syn_data, tmp_path):
     # measured in-process on this log: 80 steps at lr 1e-3..2e-3 lift ndcg@10 from 0.041 (random
     # init, all 200 validation users) to 0.056-0.069 after epoch 1 and ~0.095 after epoch 2; lr
-    # 1e-6 stays at 0.041. The grid runs in order: good, bad, good, bad.
+    # 1e-6 stays at 0.041. The grid runs in order: good, bad, good, bad. Each run also has its own
+    # early stopping, set so that no epoch after the first counts as an improvement (min_delta 1):
+    # a run that ASHA lets through epoch 1 ends itself after epoch 2 of 3, and ASHA works on top.
     import ray
 
     space = {"lr": {"grid": [2e-3, 1e-6, 1e-3, 1e-6]}, "loss": {"choice": ["softmax"]}}
-    doc = _sweep_dict(syn_data, tmp_path, "asha", space, train={"max_steps_per_epoch": 40})
+    doc = _sweep_dict(syn_data, tmp_path, "asha", space, train={
+        "max_steps_per_epoch": 40, "epochs": 3, "early_stopping": {"patience": 1, "min_delta": 1.0}})
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump(doc))
     sweep = load_sweep_config(doc)
@@ -226,6 +240,9 @@ def test_sweep_driver_killed_then_resumed_runs_every_trial_once_stops_weak_ones_
     interrupted = _kill_when_a_trial_reports(driver, path)
     before = _results(path)
     assert len(before[interrupted]) >= 1
+    # often the killed trial's Train run still saves (and Tune still writes) its epoch 2 before it
+    # dies: resumed, such a trial must neither train on nor report that epoch twice
+    print("interrupted trial's epochs recorded before the resume:", [r["epoch"] for r in before[interrupted]])
 
     # a fresh start under the same name is refused: a sweep is continued, not redone
     with pytest.raises(RecsysError, match="already holds a sweep"):
@@ -236,7 +253,8 @@ def test_sweep_driver_killed_then_resumed_runs_every_trial_once_stops_weak_ones_
     assert len(results) == 4
     counts = summary["trials"]
     assert counts["total"] == 4 and counts["errored"] == 0 and counts["unfinished"] == 0
-    assert counts["early_stopped"] >= 1 and counts["completed"] + counts["early_stopped"] == 4
+    assert counts["early_stopped"] >= 1 and counts["stopped_by_patience"] >= 1 and counts["completed"] == 0
+    assert counts["early_stopped"] + counts["stopped_by_patience"] == 4
 
     # every trial ran each of its epochs once: the interrupted one went on from its epoch-1
     # checkpoint (its Train run is named after the trial) instead of starting over
@@ -248,11 +266,14 @@ def test_sweep_driver_killed_then_resumed_runs_every_trial_once_stops_weak_ones_
     assert results[interrupted][0] == before[interrupted][0]
 
     # ASHA (its rungs refilled from the stored results on resume) cut both near-untrained trials
-    # after epoch 1; trained ones ran both epochs or were cut after one
+    # after epoch 1; trained ones were cut after one or stopped themselves after epoch 2 (the
+    # interrupted one too: its early-stopping state came back with its epoch-1 checkpoint)
     lrs = {tid: rows[0]["config"]["lr"] for tid, rows in results.items()}
     last_epoch = {tid: rows[-1]["epoch"] for tid, rows in results.items()}
     assert all(last_epoch[t] == 1 for t in lrs if lrs[t] == 1e-6), (last_epoch, lrs)
-    assert last_epoch[interrupted] == 2
+    assert last_epoch[interrupted] == 2 and max(last_epoch.values()) == 2
+    for tid, rows in results.items():
+        assert [r["stopped_early"] for r in rows] == [False] * (len(rows) - 1) + [len(rows) == 2], (tid, rows)
 
     # the best trial is the one with the highest ndcg@10 reported at any epoch
     best_per_trial = {tid: max(r["ndcg@10"] for r in rows) for tid, rows in results.items()}
@@ -274,6 +295,8 @@ def test_sweep_driver_killed_then_resumed_runs_every_trial_once_stops_weak_ones_
     order = [next(t for t in results if t in row) for row in rows]
     assert order == sorted(results, key=lambda t: (-best_per_trial[t], t))  # ties (same seed, lr 1e-6) by id
     assert sum("stopped early (ASHA)" in row for row in rows) == counts["early_stopped"]
+    assert sum("stopped early (own early_stopping)" in row for row in rows) == counts["stopped_by_patience"]
+    assert "each run's own early stopping on `ndcg@10` (patience 1, min_delta 1)" in report
     for plot in summary["plots"].values():
         data = Path(plot).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, plot
