@@ -164,7 +164,15 @@ def test_overload_is_refused_fast_with_retry_after_and_the_service_recovers(url,
            offered_rps=over["offered_rps"], ok_rps=over["rps"], rate_503=over["rate_503"],
            p50_503_ms=over["p50_503_ms"], p99_503_ms=over["p99_503_ms"], p50_ok_ms=over["p50_ms"], p99_ok_ms=over["p99_ms"],
            error_rate=over["error_rate"], max_ms=over["max_ms"], recovered_first_request_s=round(recovered_s, 3))
-    assert over["rate_503"] > 0.3, over  # far beyond capacity: most of the excess is refused
+    if over["offered_rps"] >= 2 * c:
+        assert over["rate_503"] > 0.3, over  # far beyond capacity: most of the excess is refused
+    else:
+        # a fast machine: the load generator's cap (OVERLOAD_MAX_RPS) is under 2x capacity (CI on
+        # 2026-12-05: capacity 131.75 req/s, 150 offered, 145 served, 7% refused), so there is
+        # little excess to refuse; what must hold is that some of it is refused rather than all of
+        # it queued (and the latency bounds below). The share refused can exceed the excess: on 2
+        # shared cores refusing costs the replicas CPU (a local run: capacity 101.75, 88 served, 44% refused)
+        assert over["rate_503"] > 0, over
     assert over["error_rate"] < 0.01, over  # refused with 503, never failed or timed out
     assert over["rps"] >= 0.4 * c, over  # admitted requests still finish
     # refused fast: the median refusal is what the proxy costs; the p99 is what 2 shared cores do to
