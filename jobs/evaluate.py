@@ -23,6 +23,7 @@ from recsys_ray.cli import run_job
 from recsys_ray.evaluate.evaluate import EvalSettings, evaluate, merge_results
 from recsys_ray.evaluate.report import format_table
 from recsys_ray.evaluate.sequential import SequentialSettings
+from recsys_ray.model.compress import PRECISIONS
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--task", default="recommend", choices=["recommend", "search"],
                         help="search: the personalised-search table (BM25, zero-shot, query-filtered popularity, "
                              "the checkpoints' recommendation route, search with and without the user)")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "int8", "bf16", "fp16", "onnx", "onnx-int8"],
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
                         help="score with the models in this precision (int8: dynamic quantization, CPU; bf16/fp16: half-precision encoders, for GPUs)")
     parser.add_argument("--s3-endpoint", help="S3-compatible store (default: AWS_ENDPOINT_URL(_S3), else AWS)")
     args = parser.parse_args(argv)

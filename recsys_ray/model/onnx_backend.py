@@ -30,8 +30,6 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
-from recsys_ray.errors import RecsysError
-
 log = logging.getLogger(__name__)
 
 # the encoder's keyword inputs, in the order the exported graph takes them
@@ -59,17 +57,13 @@ def _dynamic_axes(name: str, ndim: int) -> dict[int, str]:
 class OrtEncoder(nn.Module):
     """A BERT encoder behind ONNX Runtime (see the module docstring)."""
 
-    def __init__(self, encoder: nn.Module, quantize: bool = False, threads: int | None = None):
+    def __init__(self, encoder: nn.Module, quantize: bool = False):
         super().__init__()
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError as exc:  # pragma: no cover - a dependency of the project
-            raise RecsysError("precision onnx needs the onnxruntime package (pip install onnxruntime)") from exc
         self.torch_encoder = encoder.eval()  # kept to export further signatures; its weights stay in memory
         self.config = encoder.config
         self.embeddings = encoder.embeddings  # the item-token retriever embeds its own inputs with these
         self.quantize = quantize
-        self.threads = threads or torch.get_num_threads()
+        self.threads = torch.get_num_threads()  # the replica's torch_threads, set before the model loads
         self._sessions: dict[tuple, object] = {}
 
     @property

@@ -41,6 +41,7 @@ from pydantic import (
 )
 
 from recsys_ray.errors import ConfigError, UnknownItems
+from recsys_ray.model.compress import PRECISIONS
 from recsys_ray.predict import MAX_TEXT_TOKENS
 from recsys_ray.serve.page import page_html, sample_users
 
@@ -105,7 +106,7 @@ class AppArgs(BaseModel):
     max_context_tokens: int | None = Field(None, ge=8, description="default: what the checkpoint trained with")
     popularity_weight: float = Field(0.0, ge=0.0, description="retriever popularity prior beta")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per model replica (default: torch's)")
-    precision: Literal["fp32", "int8", "bf16", "fp16", "onnx", "onnx-int8"] = Field("fp32", description="int8: dynamic quantization of the encoders' linear layers (CPU replicas); bf16 / fp16: half-precision encoders (GPU replicas); onnx / onnx-int8: the encoders run by ONNX Runtime, fp32 or int8 (CPU replicas)")
+    precision: Literal[PRECISIONS] = Field("fp32", description="int8: dynamic quantization of the encoders' linear layers (CPU replicas); bf16 / fp16: half-precision encoders (GPU replicas); onnx / onnx-int8: the encoders run by ONNX Runtime, fp32 or int8 (CPU replicas)")
     index: Literal["exact", "ivf"] = Field("exact", description="retriever top k: exact (every item scored) or ivf (approximate faiss IVF index built when a replica loads; from about 10^5 items, docs/benchmarks.md)")
     index_nprobe: int = Field(32, ge=1, le=65536, description="ivf: index groups searched per user (more = closer to exact, slower)")
     s3_endpoint: str | None = Field(None, description="S3-compatible store for s3:// checkpoints (default: AWS_ENDPOINT_URL(_S3), else AWS)")

@@ -246,7 +246,7 @@ def _asha_refill_callback(scheduler, path: str, metric: str, mode: str):
 def _trainable(sweep: SweepConfig, guard=None, recorded: dict[str, int] | None = None):
     base = to_dict(sweep.train)
     base["storage_path"] = storage.join(sweep.experiment_path, TRAIN_RUNS)
-    fn = tune.with_parameters(trial_driver, base_train=base, guard=guard, recorded=recorded or {})
+    fn = tune.with_parameters(trial_driver, base_train=base, guard=guard, recorded=recorded)
     return tune.with_resources(fn, trial_resources(sweep))
 
 
