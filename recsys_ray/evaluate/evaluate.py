@@ -315,7 +315,7 @@ def evaluate(settings: EvalSettings) -> dict:
     if rankers and len(rankers) == 1 and len(settings.checkpoints) > 1:
         rankers = rankers * len(settings.checkpoints)
     per: dict[str, list[dict]] = {}
-    betas_chosen, recalls = [], []
+    betas_chosen, recalls, gates = [], [], []
     for i, ckpt in enumerate(settings.checkpoints or [None] * len(rankers)):
         ranker = rankers[i] if rankers else None
         beta = None
@@ -323,6 +323,10 @@ def evaluate(settings: EvalSettings) -> dict:
             valid = rank_split(settings, "valid", ckpt, None, None)
             beta, curve = _best_beta(valid, settings.betas)
             betas_chosen.append({"checkpoint": ckpt, "beta": beta, "valid_ndcg@10_by_beta": curve})
+            if ranker is not None:  # the gate: two-stage only where it beats its retriever on validation
+                two = metrics_of(rank_split(settings, "valid", ckpt, ranker, beta)["rank_two_stage"])["ndcg@10"]
+                gates.append({"checkpoint": ckpt, "ranker": ranker, "valid_ndcg@10_retriever+prior": curve[beta],
+                              "valid_ndcg@10_two-stage": two, "two_stage_on": two > curve[beta]})
         test = rank_split(settings, "test", ckpt, ranker, beta,
                           sampled=settings.sampled_negatives if settings.sampled else 0)
         num_users = num_users or len(test["user_id"])
@@ -342,6 +346,13 @@ def evaluate(settings: EvalSettings) -> dict:
         extra = {"checkpoints": list(settings.checkpoints) if "ranker" not in name else list(rankers)}
         if name == "two-stage":
             extra["rerank_top"] = settings.rerank_top
+            if gates:
+                extra["gate"] = gates
+                on = sum(g["two_stage_on"] for g in gates)
+                notes.append(f"gate: two-stage beats retriever+prior on validation NDCG@10 for {on} of {len(gates)} "
+                             "checkpoint(s) (" + ", ".join(f"{g['valid_ndcg@10_two-stage']:.4f} vs "
+                                                          f"{g['valid_ndcg@10_retriever+prior']:.4f}" for g in gates)
+                             + f"): serve the ranker {'on' if on == len(gates) else 'off'}")
             extra["retriever_recall@N"] = {"mean": float(np.mean(recalls)), "per_seed": recalls}
             notes.append(f"two-stage: retriever top {settings.rerank_top} rescored by the ranker; the retriever's "
                          f"recall@{settings.rerank_top} alone is {np.mean(recalls):.4f} (an upper bound on HR@K of the pipeline)")

@@ -27,7 +27,8 @@ class ModelConfig:
     RANGES: ClassVar[dict[str, str]] = {
         "temperature": "> 0", "dropout": "[0, 1)", "lora_alpha": "> 0", "lora_dropout": "[0, 1)",
         "history_len": ">= 1", "search_mix": "[0, 1]", "search_anonymous": "[0, 1]", "search_queries": ">= 1",
-        "item_text_dropout": "[0, 1)",
+        "item_text_dropout": "[0, 1)", "hard_pool": ">= 0", "retrieval_weight": ">= 0",
+        "holdout_last": ">= 0", "hard_share": "[0, 1]",
     }
 
     kind: Literal["ranker", "retriever"] = "ranker"  # ranker = cross-encoder, retriever = dual encoder
@@ -58,6 +59,15 @@ class ModelConfig:
     # (a block attention mask, positions as if it followed that history): N search targets for the
     # price of one window. 1 = the last event's query only
     search_queries: int = 1
+    # ranker/items: each training list's negatives are drawn from the top N of the model's own current
+    # retrieval scores (hard negatives; 0 = uniform over the catalogue), and validation reranks that top N
+    hard_pool: int = 50
+    hard_share: float = 1.0  # ranker/items: the share of each list's negatives drawn from that top N, the rest uniform
+    retrieval_weight: float = 0.0  # ranker/items: weight of its trainable copy's next-item loss next to the list loss
+    # history="items": each user's last N train events are never a next-item target (a retriever trained
+    # so leaves them out of sample); an items ranker started from it ranks lists that end at them: its
+    # shortlists then look like the ones a retriever gives at serving time, not memorised ones. 0 = off
+    holdout_last: int = 0
 
     def problems(self) -> list[str]:
         """What the range rules cannot say: the freeze spec, the tiny encoder, the enums."""

@@ -102,6 +102,12 @@ class TrainConfig:
             out.append(kind)
         if LOSSES[self.loss].needs_negatives and self.negatives < 1:
             out.append(f"loss {self.loss!r} needs negatives >= 1")
+        if (self.model.kind, self.model.history) == ("ranker", "items"):
+            if self.negatives < 1:
+                out.append("negatives: an items ranker ranks each target against negatives >= 1 hard negatives")
+            elif self.model.hard_pool and self.negatives > self.model.hard_pool:
+                out.append(f"negatives ({self.negatives}) must be <= model.hard_pool ({self.model.hard_pool}), "
+                           "the shortlist they are drawn from")
         metric = self.early_stopping.metric
         if metric in SEARCH_METRIC_NAMES and not self.model.search_mix:
             out.append(f"early_stopping.metric: {metric!r} is reported by search models only (model.search_mix > 0)")

@@ -45,15 +45,12 @@ def check_init_from(cfg: TrainConfig):
     """The model a warm start begins from, loaded once on the driver so that a bad checkpoint or
     one of another kind fails before any worker starts (the workers load it again themselves)."""
     try:
-        model = kinds.load_model(resolve(cfg.init_from))
+        model = kinds.start_model(resolve(cfg.init_from), cfg.model)
     except RecsysError as exc:
         raise ConfigError([f"init_from {cfg.init_from!r}: {one_line(exc)}"]) from None
-    have, want = (model.cfg.kind, model.cfg.history), (cfg.model.kind, cfg.model.history)
-    if have != want:
-        raise ConfigError([f"init_from {cfg.init_from!r} is a {'/'.join(have)} checkpoint but the config trains "
-                           f"a {'/'.join(want)} model"])
     log.info("warm start from %s (%s/%s, step %s): its weights and model config; the config's model section "
-             "other than kind and history is not used", cfg.init_from, *have, model.extra.get("step"))
+             "other than kind, history (and a ranker's freeze and hard_pool) is not used", cfg.init_from,
+             model.cfg.kind, model.cfg.history, model.extra.get("step"))
     return model
 
 
@@ -84,7 +81,7 @@ def plan(cfg: TrainConfig) -> dict:
         spe = min(spe, cfg.max_steps_per_epoch)
     return {
         "steps_per_epoch": spe,
-        "init_from": cfg.init_from,
+        "init_from": storage.absolute(cfg.init_from) if cfg.init_from else "",  # workers run in other directories
         "data_fingerprint": manifest["fingerprint"],
         "text": manifest.get("text", {}),
         "train_examples": n_train,

@@ -42,6 +42,7 @@ from recsys_ray.evaluate.metrics import (
 )
 from recsys_ray.model import kinds
 from recsys_ray.model.base import BertRecommender, ValidationSettings
+from recsys_ray.model.config import ModelConfig
 from recsys_ray.model.tokenizer import load_tokenizer, special_ids
 from recsys_ray.train.config import TrainConfig
 
@@ -182,7 +183,7 @@ def setup_worker(cfg: TrainConfig, run: dict) -> Worker:
         with checkpoint.as_directory() as d:
             model = kinds.load_model(d)
     elif run.get("init_from"):
-        model, warm_start = warm_start_model(run["init_from"], catalogue, rank)
+        model, warm_start = warm_start_model(run["init_from"], catalogue, rank, cfg.model)
     else:
         model = kinds.from_config(cfg.model, tokenizer, item_tokens=catalogue.tokens)
     if model.tokenizer is not None:
@@ -219,11 +220,12 @@ def setup_worker(cfg: TrainConfig, run: dict) -> Worker:
     return w
 
 
-def warm_start_model(source: str, catalogue: Catalogue, rank: int) -> tuple[BertRecommender, dict]:
-    """The model of checkpoint ``source`` (local, run directory or s3://) moved onto this run's
-    catalogue (:meth:`BertRecommender.adopt_catalogue`); returns it and what happened to the items."""
+def warm_start_model(source: str, catalogue: Catalogue, rank: int, cfg: ModelConfig) -> tuple[BertRecommender, dict]:
+    """The model of checkpoint ``source`` (local, run directory or s3://; :func:`kinds.start_model`
+    for the run's model config ``cfg``) moved onto this run's catalogue
+    (:meth:`BertRecommender.adopt_catalogue`); returns it and what happened to the items."""
     path = resolve(source)
-    model = kinds.load_model(path)
+    model = kinds.start_model(path, cfg)
     counts = model.adopt_catalogue(Catalogue.load(path), catalogue)
     if rank == 0:
         log.info("warm start from %s (step %s): %d items kept their learned vectors, %d new items initialised "

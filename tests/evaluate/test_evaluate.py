@@ -293,6 +293,11 @@ def test_evaluate_writes_metrics_report_and_plots_for_every_model(ray_session, s
     # a retrieval miss stays a miss: two-stage HR@N can never beat the retriever's recall@N
     recall = result["models"]["two-stage"]["retriever_recall@N"]["mean"]
     assert result["models"]["two-stage"]["mean"]["hr@10"] <= recall + 1e-9
+    # the gate: two-stage against the retriever + prior on validation, per checkpoint, said in a note
+    gates = result["models"]["two-stage"]["gate"]
+    assert len(gates) == 2 and all(g["two_stage_on"] == (g["valid_ndcg@10_two-stage"] > g["valid_ndcg@10_retriever+prior"])
+                                   for g in gates)
+    assert any(n.startswith("gate: two-stage beats retriever+prior on validation") for n in result["notes"])
     # separate runs (one job per seed) merge into one report: model rows add up, baselines stay once
     merged = merge_results([f"{out}/metrics.json"] * 2, str(tmp_path / "merged"))["result"]
     assert merged["models"]["retriever"]["seeds"] == 4 and merged["models"]["EASE"]["seeds"] == 1

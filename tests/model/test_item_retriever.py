@@ -44,8 +44,8 @@ def items(syn_data) -> Catalogue:
 
 
 def test_config_checks_and_the_catalogue_requirement(tokenizer):
-    assert "model.history 'items' needs model.kind 'retriever'" in " ".join(
-        config_problems(ModelConfig(kind="ranker", history="items")))
+    assert "model.kind must be one of ranker, retriever" in " ".join(
+        config_problems(ModelConfig(kind="scorer", history="items")))
     assert any("history_len" in p for p in config_problems(ModelConfig(kind="retriever", history="items", history_len=0)))
     with pytest.raises(ConfigError, match="needs the catalogue"):
         from_config(ModelConfig(kind="retriever", history="items", tiny=TINY), tokenizer)

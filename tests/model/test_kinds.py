@@ -27,13 +27,13 @@ TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "in
 
 
 def test_every_kind_is_registered_under_its_own_config_pair():
-    assert set(KINDS) == {("ranker", "text"), ("retriever", "text"), ("retriever", "items")}
+    assert set(KINDS) == {("ranker", "text"), ("retriever", "text"), ("retriever", "items"), ("ranker", "items")}
     for (kind, history), cls in KINDS.items():
         assert (cls.kind, cls.history) == (kind, history)
         assert kind_class(ModelConfig(kind=kind, history=history)) is cls
-    assert "needs model.kind 'retriever'" in model_kind_problem(ModelConfig(kind="ranker", history="items"))
+    assert model_kind_problem(ModelConfig(kind="ranker", history="items")) is None
     assert "model.kind must be one of" in model_kind_problem(ModelConfig(kind="tower"))
-    assert config_problems(ModelConfig(kind="ranker", history="items", temperature=0))[0].startswith("model.history")
+    assert config_problems(ModelConfig(kind="ranker", history="rows", temperature=0))[0].startswith("model.history")
 
 
 @pytest.mark.parametrize("pair", sorted(KINDS), ids=lambda p: "/".join(p))
@@ -67,7 +67,7 @@ def test_each_kind_trains_validates_and_builds_predictor_inputs(syn_data, tokeni
     ranks, protocol = model.validation_ranks(valid, catalogue, special, torch.device("cpu"),
                                              ValidationSettings(batch_size=8, ranker_candidates=10, seed=0, max_context_tokens=0))
     assert len(ranks) == 12 and all(0 <= r < len(catalogue) for r in ranks)
-    assert protocol == ("full" if kind == "retriever" else "sampled_1+9")
+    assert protocol == {"retriever": "full", "ranker": "sampled_1+9" if history == "text" else "two_stage_top50"}[kind]
     # predictor-side inputs: a user's history as logged, catalogue candidates
     inputs = InputSettings(tokenizer=tokenizer, max_history=5, profile_columns=[], max_context_tokens=64)
     ctx = model.context_ids([3, 1, 4], None, catalogue, inputs)

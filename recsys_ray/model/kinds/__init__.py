@@ -23,12 +23,13 @@ from recsys_ray.config import value_problems
 from recsys_ray.errors import ConfigError, RecsysError
 from recsys_ray.model.base import BertRecommender, kind_problem
 from recsys_ray.model.config import ModelConfig
+from recsys_ray.model.kinds.item_ranker import ItemTokenRanker
 from recsys_ray.model.kinds.item_retriever import ItemTokenRetriever
 from recsys_ray.model.kinds.text_ranker import TextRanker
 from recsys_ray.model.kinds.text_retriever import TextRetriever
 
 KINDS: dict[tuple[str, str], type[BertRecommender]] = {
-    (cls.kind, cls.history): cls for cls in (TextRanker, TextRetriever, ItemTokenRetriever)
+    (cls.kind, cls.history): cls for cls in (TextRanker, TextRetriever, ItemTokenRetriever, ItemTokenRanker)
 }
 
 
@@ -89,3 +90,17 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     if expect is not None and cfg.kind != expect:
         raise RecsysError(f"{path}: is a {cfg.kind} checkpoint, expected a {expect}")
     return KINDS[(cfg.kind, cfg.history)].from_checkpoint(path, cfg, meta, map_location)
+
+
+def start_model(path: str | os.PathLike, cfg: ModelConfig) -> BertRecommender:
+    """The model a warm start (``init_from``) of a ``cfg`` run begins with: the checkpoint's own
+    model when it is of ``cfg``'s kind and history, an items ranker made of an item-token retriever
+    (:meth:`ItemTokenRanker.from_retriever`); RecsysError for any other pair."""
+    model = load_model(path)
+    have, want = (model.cfg.kind, model.cfg.history), (cfg.kind, cfg.history)
+    if have == want:
+        return model
+    if want == ("ranker", "items") and have == ("retriever", "items"):
+        return ItemTokenRanker.from_retriever(model, cfg)
+    raise RecsysError(f"is a {'/'.join(have)} checkpoint but the config trains a {'/'.join(want)} model "
+                      "(only an item-token retriever can start another kind: an items ranker)")

@@ -107,7 +107,12 @@ class SequenceCollator:
 
     def __init__(self, items: Catalogue, special: tuple[int, int, int], item_offset: int, history_len: int,
                  negatives: int, tokenizer, seed: int, sampled: bool, search_mix: float = 0.0,
-                 search_anonymous: float = 0.0, search_queries: int = 1):
+                 search_anonymous: float = 0.0, search_queries: int = 1, with_history: bool = False,
+                 holdout_last: int = 0, lists_on_holdout: bool = False):
+        self.with_history = with_history  # also the catalogue rows before each window's last event
+        # holdout_last k: each user's last k train events are never a next-item target; with
+        # lists_on_holdout every window ends at one of them instead (an items ranker's lists)
+        self.holdout, self.lists_on_holdout = holdout_last, lists_on_holdout
         self.items, self.special, self.offset, self.L = items, special, item_offset, history_len
         self.k, self.tok, self.sampled = negatives, tokenizer, sampled
         self.search_mix, self.anonymous, self.n_queries = search_mix, search_anonymous, search_queries
@@ -129,18 +134,26 @@ class SequenceCollator:
         return self._profiles[row["user_id"]]
 
     def __call__(self, rows: list[dict]) -> Batch:
-        contexts, targets, layouts = [], [], []
+        contexts, targets, layouts, before, lasts = [], [], [], [], []
         for r in rows:
             seq = [self.items.index[i] for i in list(r["item_ids"])[: int(r["n_train"])]]  # n_train >= 1
-            end = min(len(seq), int(self.rng.integers(1, len(seq) + self.L + 1)))
+            kept = max(1, len(seq) - self.holdout)  # events that may be next-item targets
+            if self.lists_on_holdout and kept < len(seq):  # the window ends at a held-out event
+                end = int(self.rng.integers(kept + 1, len(seq) + 1))
+            else:
+                seq = seq[:kept]
+                end = min(len(seq), int(self.rng.integers(1, len(seq) + self.L + 1)))
+            before.append(seq[: end - 1])  # the user's whole history before the window's last event
+            lasts.append(seq[end - 1])
             start = max(0, end - (self.L + 1))
             window = seq[start:end]
+            held = max(0, end - max(kept, start))  # held-out events at the window's end: not next-item targets
             ctx = history_context(self._profile(r), window[:-1], self.offset, self.L, self.special)
             n_prefix = len(ctx) - (len(window) - 1)  # profile + [SEP]; [CLS] shifts everything by 1
             t = [-100] * (len(ctx) + 1)
             if start == 0:
                 t[n_prefix] = window[0]  # at [SEP]: the first event from the profile alone
-            for j in range(1, len(window)):
+            for j in range(1, len(window) - held):
                 t[n_prefix + j] = window[j]
             queries = r.get("queries") if self.search_mix else None  # aligned with item_ids
             queries = list(queries[start:end]) if queries is not None else []  # aligned with window
@@ -180,6 +193,13 @@ class SequenceCollator:
             clash = negs == pos[:, None]
             negs[clash] = (negs[clash] + 1) % len(self.items)  # never the target itself
             out["candidates"] = torch.cat([pos[:, None], negs], dim=1)  # (M, 1 + K)
+        if self.with_history:  # (B, S) catalogue rows, -1 padded
+            hist = torch.full((len(before), max(1, max(map(len, before)))), -1, dtype=torch.long)
+            for i, h in enumerate(before):
+                hist[i, : len(h)] = torch.as_tensor(h, dtype=torch.long)
+            out["history"] = hist
+            out["last_item"] = torch.as_tensor(lasts, dtype=torch.long)  # (B,) each window's last event
+            out["num_negatives"] = torch.tensor(self.k)  # the list each window's last event is ranked in
         out["tokens"] = torch.tensor(int(b["attention_mask"].sum()))
         return out
 
@@ -314,6 +334,12 @@ class ItemTokenRetriever(Retriever):
         """Unit-length user vector after every position (causal) -> (B, L, H); with ``visible``
         (B, L, L) bool and ``position_ids`` (B, L), the query blocks of :func:`block_layout`;
         ``table`` replaces the item embeddings (:meth:`_train_table`)."""
+        return self.normalize(self.head(self.hidden_states(input_ids, attention_mask, position_ids, visible, table)))
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      position_ids: torch.Tensor | None = None, visible: torch.Tensor | None = None,
+                      table: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder's last hidden state (B, L, H) of :meth:`encode_positions`' inputs."""
         embeds = self._embed(input_ids, table)
         if visible is not None:  # a prepared 4D mask is used as given: bool for sdpa, additive for eager
             mask = visible[:, None]
@@ -321,10 +347,9 @@ class ItemTokenRetriever(Retriever):
                 mask = torch.zeros(mask.shape, dtype=embeds.dtype, device=mask.device).masked_fill(
                     ~mask, torch.finfo(embeds.dtype).min)
             attention_mask = mask
-        h = self.encoder(
+        return self.encoder(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # (B, L, H); position t sees positions <= t only
-        return self.normalize(self.head(h))  # (B, L, H)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -363,7 +388,7 @@ class ItemTokenRetriever(Retriever):
         return SequenceCollator(catalogue, special, self.item_offset, self.cfg.history_len, settings.negatives,
                                 tokenizer, settings.seed + rank, sampled=settings.loss != "softmax",
                                 search_mix=self.cfg.search_mix, search_anonymous=self.cfg.search_anonymous,
-                                search_queries=self.cfg.search_queries)
+                                search_queries=self.cfg.search_queries, holdout_last=self.cfg.holdout_last)
 
     def train_scores(self, batch: Batch) -> tuple[torch.Tensor, None]:
         """A prediction at every position with a target: (M, N) over the catalogue, or (M, 1 + K)
