@@ -5,6 +5,7 @@ from it on the whole log with the new catalogue (10 items removed, 20 added)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,12 @@ def runs(windows, tmp_path_factory) -> dict:
     """The first model (the "before" window) and its refresh (the "after" window, from the first)."""
     tmp = tmp_path_factory.mktemp("warm_runs")
     first = fit(_cfg(windows["before"], tmp, "first"))
-    refresh = fit(_cfg(windows["after"], tmp, "refresh", init_from=first["run"]))
+    cwd = os.getcwd()
+    os.chdir(Path(first["run"]).parent)  # init_from relative to the driver's directory: the workers run elsewhere
+    try:
+        refresh = fit(_cfg(windows["after"], tmp, "refresh", init_from=Path(first["run"]).name))
+    finally:
+        os.chdir(cwd)
     return {"first": first, "refresh": refresh}
 
 
