@@ -59,8 +59,8 @@ class ModelConfig:
     # (a block attention mask, positions as if it followed that history): N search targets for the
     # price of one window. 1 = the last event's query only
     search_queries: int = 1
-    # ranker/items: each training list's negatives are drawn from the top N of the model's own current
-    # retrieval scores (hard negatives; 0 = uniform over the catalogue), and validation reranks that top N
+    # ranker/items: each training list's negatives are drawn from the top N of its frozen base retriever's
+    # scores (hard negatives; 0 = uniform over the catalogue), and validation reranks that top N
     hard_pool: int = 50
     hard_share: float = 1.0  # ranker/items: the share of each list's negatives drawn from that top N, the rest uniform
     retrieval_weight: float = 0.0  # ranker/items: weight of its trainable copy's next-item loss next to the list loss

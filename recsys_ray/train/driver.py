@@ -49,7 +49,7 @@ def check_init_from(cfg: TrainConfig):
     except RecsysError as exc:
         raise ConfigError([f"init_from {cfg.init_from!r}: {one_line(exc)}"]) from None
     log.info("warm start from %s (%s/%s, step %s): its weights and model config; the config's model section "
-             "other than kind, history (and a ranker's freeze and hard_pool) is not used", cfg.init_from,
+             "other than kind, history (and an items ranker's freeze and ranker fields) is not used", cfg.init_from,
              model.cfg.kind, model.cfg.history, model.extra.get("step"))
     return model
 

@@ -136,17 +136,24 @@ class ItemTokenRanker(ItemTokenRetriever):
     # --- scoring ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def base_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The first stage's scores (B, N) of every catalogue item (the frozen base retriever)."""
-        return self.base.score(self.base.encode(input_ids, attention_mask), self.base.item_vectors())
+    def base_users(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The first stage's user vectors (B, H) (the frozen base retriever)."""
+        return self.base.encode(input_ids, attention_mask)
 
-    def rank_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, candidates: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    @torch.no_grad()
+    def base_scores(self, users: torch.Tensor) -> torch.Tensor:
+        """The first stage's scores (B, N) of every catalogue item for :meth:`base_users` vectors."""
+        return self.base.score(users, self.base.item_vectors())
+
+    def rank_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, candidates: torch.Tensor,
+                    users: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores (B, C) of catalogue rows ``candidates`` (B, C) for each ``[CLS] context`` row, and
-        the trainable copy's hidden states (B, L', H) (main positions first, as in the input)."""
+        the trainable copy's hidden states (B, L', H) (main positions first, as in the input);
+        ``users``: the rows' :meth:`base_users`, when the caller has them already."""
         with torch.no_grad():
-            u = self.base.encode(input_ids, attention_mask)  # (B, H)
-            retrieval = torch.einsum("bh,bch->bc", u, self.base.item_vectors()[candidates]) / self.cfg.temperature
+            u = self.base_users(input_ids, attention_mask) if users is None else users  # (B, H)
+            items = self.base.normalize(self.base.item_emb(candidates))  # (B, C, H) only the candidates' rows
+            retrieval = torch.einsum("bh,bch->bc", u, items) / self.cfg.temperature
         n_main = attention_mask.sum(dim=1)  # (B,)
         ids, pos, visible, cols = pack_candidates(input_ids, n_main, candidates + self.item_offset)
         h = self.hidden_states(ids, None, pos, visible)  # (B, L', H)
@@ -154,8 +161,9 @@ class ItemTokenRanker(ItemTokenRetriever):
         residual = self.rank_head(h[rows[:, None], cols]).squeeze(-1).float()  # (B, C)
         return retrieval + residual, h
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        return self.rank_scores(input_ids, attention_mask, candidates)[0]
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, candidates: torch.Tensor,
+                users: torch.Tensor | None = None) -> torch.Tensor:
+        return self.rank_scores(input_ids, attention_mask, candidates, users)[0]
 
     @torch.no_grad()
     def score_pairs(self, contexts: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]],
@@ -196,10 +204,11 @@ class ItemTokenRanker(ItemTokenRetriever):
                                 holdout_last=self.cfg.holdout_last, lists_on_holdout=True)
 
     @torch.no_grad()
-    def _negatives(self, batch: Batch, targets: torch.Tensor, k: int) -> torch.Tensor:
+    def _negatives(self, batch: Batch, targets: torch.Tensor, k: int, users: torch.Tensor | None = None) -> torch.Tensor:
         """(B, k) negatives per row: ``round(hard_share * k)`` drawn from the top ``hard_pool`` of
         the base's scores, the rest uniform over the catalogue (all uniform when ``hard_pool`` is
-        0); never the user's earlier items, the target or one item twice."""
+        0); never the user's earlier items, the target or one item twice. ``users``: the rows'
+        :meth:`base_users`, when the caller has them already."""
         ids, am = batch["input_ids"], batch["attention_mask"]
         n = self.num_items
         hist = batch["history"]  # (B, S), -1 padded
@@ -210,7 +219,8 @@ class ItemTokenRanker(ItemTokenRetriever):
         hard = round(self.cfg.hard_share * k) if self.cfg.hard_pool else 0
         picked = torch.empty(len(ids), 0, dtype=torch.long, device=ids.device)
         if hard:
-            scores = self.base_scores(ids, am).masked_fill(exclude, float("-inf"))  # (B, N)
+            users = self.base_users(ids, am) if users is None else users
+            scores = self.base_scores(users).masked_fill(exclude, float("-inf"))  # (B, N)
             pool = scores.topk(min(self.cfg.hard_pool, n), dim=1).indices
             picked = pool.gather(1, torch.rand(pool.shape, device=ids.device).argsort(dim=1)[:, :hard])
             exclude = exclude.scatter(1, picked, True)
@@ -224,9 +234,10 @@ class ItemTokenRanker(ItemTokenRetriever):
         the copy's (M, N) next-item scores at every position with a target."""
         tgt = batch["targets"]  # (B, L)
         last = batch["last_item"]  # (B,) the window's last event: the target after the history
-        negs = self._negatives(batch, last, int(batch["num_negatives"]))
+        users = self.base_users(batch["input_ids"], batch["attention_mask"])  # once: negatives and scores
+        negs = self._negatives(batch, last, int(batch["num_negatives"]), users)
         cands = torch.cat([last[:, None], negs], dim=1)  # (B, 1 + K)
-        scores, h = self.rank_scores(batch["input_ids"], batch["attention_mask"], cands)
+        scores, h = self.rank_scores(batch["input_ids"], batch["attention_mask"], cands, users)
         if not self.cfg.retrieval_weight:
             return scores, None
         u = self.normalize(self.head(h[:, : tgt.shape[1]]))[tgt >= 0]  # (M, H)
@@ -253,14 +264,15 @@ class ItemTokenRanker(ItemTokenRetriever):
             chunk = rows[s: s + settings.batch_size]
             b = self.input_batch([self._valid_context(r, catalogue, special) for r in chunk], special)
             ids, am = b["input_ids"].to(device), b["attention_mask"].to(device)
-            scores = self.base_scores(ids, am).float().cpu()  # (b, N) the first stage
+            users = self.base_users(ids, am)
+            scores = self.base_scores(users).float().cpu()  # (b, N) the first stage
             target = np.array([catalogue.index[r["target_item_id"]] for r in chunk])
             seen = np.zeros(scores.shape, dtype=bool)
             for j, r in enumerate(chunk):
                 seen[j, [catalogue.index[i] for i in r["seen_item_ids"]]] = True
             full = target_ranks(scores.numpy(), target, seen)
             shortlist = scores.masked_fill(torch.as_tensor(seen), float("-inf")).topk(min(top, scores.shape[1])).indices
-            rescored = self.forward(ids, am, shortlist.to(device)).float().cpu().numpy()  # (b, top)
+            rescored = self.forward(ids, am, shortlist.to(device), users).float().cpu().numpy()  # (b, top)
             for j in range(len(chunk)):
                 hit = np.flatnonzero(shortlist[j].numpy() == target[j])
                 ranks.append(int(np.count_nonzero(rescored[j] >= rescored[j, hit[0]]) - 1) if len(hit) else int(full[j]))
