@@ -27,7 +27,7 @@ class ModelConfig:
     RANGES: ClassVar[dict[str, str]] = {
         "temperature": "> 0", "dropout": "[0, 1)", "lora_alpha": "> 0", "lora_dropout": "[0, 1)",
         "history_len": ">= 1", "search_mix": "[0, 1]", "search_anonymous": "[0, 1]", "search_queries": ">= 1",
-        "item_text_dropout": "[0, 1)", "hard_pool": ">= 0", "retrieval_weight": ">= 0",
+        "item_text_dropout": "[0, 1)", "item_text_encoder": ">= 0", "hard_pool": ">= 0", "retrieval_weight": ">= 0",
         "holdout_last": ">= 0", "hard_share": "[0, 1]",
     }
 
@@ -47,6 +47,12 @@ class ModelConfig:
     # output side), through a learned linear map (``text_proj``, identity at first) that then also
     # places every item added after training or held out (cold start). 0 = off
     item_text_dropout: float = 0.0
+    # history="items", item_init text: at each training step up to N of the step's target items read
+    # as their text through the model's own encoder (mean of its hidden states over the item's word
+    # pieces, a learned linear map ``text_tower``, zero at first, added to the text start) instead of
+    # their learned token, on the input and the output side alike; that tower then places every item
+    # added after training or held out (cold start), as a text retriever's item tower does. 0 = off
+    item_text_encoder: int = 0
     # personalised search (history="items"): the share of training windows whose last event's query
     # is appended after the history, ``[CLS] profile [SEP] items [SEP] query``, with that event as the
     # target at the query's last position. Causal attention leaves every earlier position as it was,
@@ -82,6 +88,11 @@ class ModelConfig:
         if self.item_text_dropout and ((self.kind, self.history) != ("retriever", "items") or self.item_init != "text"):
             out.append("model.item_text_dropout: needs the item-token retriever (kind retriever, history items) "
                        "with item_init 'text'")
+        if self.item_text_encoder and ((self.kind, self.history) != ("retriever", "items") or self.item_init != "text"):
+            out.append("model.item_text_encoder: needs the item-token retriever (kind retriever, history items) "
+                       "with item_init 'text'")
+        if self.item_text_encoder and self.item_text_dropout:
+            out.append("model.item_text_encoder and model.item_text_dropout: choose one way to read items as text")
         if self.search_mix and (self.kind, self.history) != ("retriever", "items"):
             out.append("model.search_mix: personalised search is a mode of the item-token retriever "
                        "(kind retriever, history items)")

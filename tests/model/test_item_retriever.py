@@ -4,6 +4,7 @@ reproduces."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -173,6 +174,77 @@ def test_item_text_dropout_reads_a_random_share_of_items_as_their_text_on_both_s
     again = load_model(model.save(tmp_path / "ck"))  # the learned map travels with the checkpoint
     assert torch.equal(again.initial_item_vectors(items.tokens[:5]), model.initial_item_vectors(items.tokens[:5]))
     assert _model(tokenizer, items.tokens).train()._train_table() is None  # off by default
+
+
+def test_item_text_encoder_reads_a_uniform_draw_of_trained_items_through_the_encoder(syn_data, tokenizer, items, tmp_path):
+    """model.item_text_encoder N: N catalogue rows a step (drawn uniformly from the items with train
+    events) read as text start + text_tower(the encoder's mean hidden state over their word pieces), on
+    both sides; the tower starts at zero, learns with the encoder, and is the rule for every item added
+    later (cold start)."""
+    for bad in (ModelConfig(kind="retriever", item_text_encoder=4),
+                ModelConfig(kind="retriever", history="items", item_init="random", item_text_encoder=4),
+                ModelConfig(kind="retriever", history="items", item_text_encoder=-1)):
+        assert any("item_text_encoder" in p for p in config_problems(bad)), bad
+    assert any("choose one" in p for p in config_problems(
+        ModelConfig(kind="retriever", history="items", item_text_encoder=4, item_text_dropout=0.2)))
+    torch.manual_seed(0)
+    quiet = {**TINY, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # train mode = eval mode
+    cfg = ModelConfig(kind="retriever", history="items", tiny=quiet, dropout=0.0, temperature=0.1, item_text_encoder=4)
+    model = from_config(cfg, tokenizer, item_tokens=items.tokens).train()
+    words = model.encoder.embeddings.word_embeddings.weight
+    mean = words[torch.tensor(items.tokens[3])].mean(0)
+    assert torch.allclose(model.item_emb.weight[3], mean, atol=1e-6)  # the tower starts at zero: the text start
+    assert torch.allclose(model.initial_item_vectors(items.tokens[:4])[3], mean, atol=1e-6)
+    sp = special_ids(tokenizer)
+    seqs = pads.dataset(f"{syn_data}/sequences").to_table().slice(0, 16).to_pylist()
+    collate = SequenceCollator(items, sp, model.item_offset, 8, 0, tokenizer, 0, sampled=False, text_rows=4)
+    batch = collate(seqs)
+    scores, _ = model.train_scores(batch)  # a fresh model's first step already trains the tower (DDP needs it used)
+    model.train_loss("softmax", scores, None, batch).backward()
+    assert model.text_tower.weight.grad.abs().sum() > 0
+    model.zero_grad()
+    with torch.no_grad():  # learned tokens away from their text start, the tower off zero
+        model.item_emb.weight.add_(torch.randn_like(model.item_emb.weight))
+        model.text_tower.weight.normal_(std=0.5)
+    text = model.initial_item_vectors(items.tokens)  # (N, H) what a new or held-out item gets now
+    ids = torch.tensor([items.tokens[3][:32]])
+    read = model.hidden_states(ids, torch.ones_like(ids)).mean(dim=1)[0]  # the encoder's reading, by hand
+    assert torch.allclose(text[3], mean + model.text_tower(read), atol=1e-5)
+    assert not torch.allclose(text[3], mean, atol=1e-3)
+    table = model._train_table(batch["text_rows"])
+    as_text = torch.isclose(table, text, atol=1e-5).all(dim=1)
+    learned = torch.isclose(table, model.item_emb.weight).all(dim=1)
+    assert bool((as_text ^ learned).all())  # each row is one or the other
+    assert as_text.nonzero().flatten().tolist() == batch["text_rows"].tolist() and len(batch["text_rows"]) == 4
+    # the draw: uniform over the items with a train event (never one training never saw), fresh per batch
+    some = copy.copy(items)  # a catalogue whose first 10 items had no train event (held-out cold items)
+    some.counts = items.counts.copy()
+    some.counts[:10] = 0
+    with_events = set(range(10, len(items)))
+    collate = SequenceCollator(some, sp, model.item_offset, 8, 0, tokenizer, 0, sampled=False, text_rows=4)
+    draws = [set(collate(seqs)["text_rows"].tolist()) for _ in range(300)]
+    assert set().union(*draws) == with_events and all(len(d) == 4 for d in draws)
+    with pytest.raises(RecsysError, match="no text_rows"):
+        model._train_table(None)
+    # the item embeddings of the rows read as text get no gradient; the tower and the encoder learn from them
+    scores, _ = model.train_scores(batch)
+    model.train_loss("softmax", scores, None, batch).backward()
+    grad_rows = model.item_emb.weight.grad.abs().sum(dim=1) > 0
+    assert not bool((grad_rows & as_text).any()) and bool((grad_rows & learned).any())
+    assert model.text_tower.weight.grad.abs().sum() > 0
+    assert model.eval()._train_table(batch["targets"]) is None  # evaluation reads the learned tokens
+    # the tower travels with the checkpoint and places items added to a Predictor
+    ck = model.save(tmp_path / "tower", extra={"text": read_manifest(syn_data)["text"]})
+    items.save(tmp_path / "tower" / "items.parquet")
+    again = load_model(ck)
+    assert torch.allclose(again.initial_item_vectors(items.tokens[:5]), text[:5], atol=1e-5)
+    p = Predictor(PredictorConfig(retriever=str(ck)))
+    n = len(p.items)
+    p.add_items(["new-a"], ["vintage jazz collection for every day"])
+    new_ids = p.text_ids(["vintage jazz collection for every day"])
+    plain = p.retriever.encoder.embeddings.word_embeddings.weight[torch.tensor(new_ids[0])].mean(0)
+    assert torch.allclose(p.retriever.item_emb.weight[n], p.retriever.initial_item_vectors(new_ids)[0], atol=1e-5)
+    assert not torch.allclose(p.retriever.item_emb.weight[n], plain, atol=1e-3)  # the tower's, not the bare text start
 
 
 def _save(data: str, tokenizer, path: Path, seed=0) -> str:

@@ -90,8 +90,9 @@ class ItemTokenRanker(ItemTokenRetriever):
         self.base.requires_grad_(False)  # the first stage never trains (freeze strategies apply to the copy)
         if not self.cfg.retrieval_weight:
             self.head.requires_grad_(False)  # the copy's projection serves only its next-item loss
-        if hasattr(self, "text_proj"):
-            self.text_proj.requires_grad_(False)  # item_text_dropout is a retriever's training option
+        for name in ("text_proj", "text_tower"):  # item_text_dropout / _encoder are a retriever's training options
+            if hasattr(self, name):
+                getattr(self, name).requires_grad_(False)
         return self
 
     def train(self, mode: bool = True) -> ItemTokenRanker:

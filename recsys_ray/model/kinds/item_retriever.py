@@ -37,6 +37,9 @@ from recsys_ray.model.base import (
     pad_rows,
 )
 
+# word pieces of an item's text that ``model.item_text_encoder`` reads (MovieLens title + genres: 31 at most)
+ITEM_TEXT_TOKENS = 32
+
 
 def history_context(profile_ids: Sequence[int] | None, history_rows: Sequence[int], item_offset: int,
                     history_len: int, special: tuple[int, int, int], max_profile_tokens: int = 32) -> list[int]:
@@ -108,7 +111,7 @@ class SequenceCollator:
     def __init__(self, items: Catalogue, special: tuple[int, int, int], item_offset: int, history_len: int,
                  negatives: int, tokenizer, seed: int, sampled: bool, search_mix: float = 0.0,
                  search_anonymous: float = 0.0, search_queries: int = 1, with_history: bool = False,
-                 holdout_last: int = 0, lists_on_holdout: bool = False):
+                 holdout_last: int = 0, lists_on_holdout: bool = False, text_rows: int = 0):
         self.with_history = with_history  # also the catalogue rows before each window's last event
         # holdout_last k: each user's last k train events are never a next-item target; with
         # lists_on_holdout every window ends at one of them instead (an items ranker's lists)
@@ -117,6 +120,12 @@ class SequenceCollator:
         self.k, self.tok, self.sampled = negatives, tokenizer, sampled
         self.search_mix, self.anonymous, self.n_queries = search_mix, search_anonymous, search_queries
         self.rng = np.random.default_rng(seed)
+        # text_rows N (model.item_text_encoder): each batch names N catalogue rows drawn uniformly from the
+        # items with a train event, to be read as their text: as negatives mostly, as positives where they
+        # are targets, so the text tower learns calibrated scores (items never trained on are not drawn)
+        self.n_text = text_rows
+        counts = items.counts if items.counts is not None else np.ones(len(items))
+        self._text_pool = np.flatnonzero(np.asarray(counts) > 0) if text_rows else np.zeros(0, dtype=np.int64)
         self._profiles: dict[str, list[int]] = {}
         self._queries: dict[str, list[int]] = {}
 
@@ -200,6 +209,9 @@ class SequenceCollator:
             out["history"] = hist
             out["last_item"] = torch.as_tensor(lasts, dtype=torch.long)  # (B,) each window's last event
             out["num_negatives"] = torch.tensor(self.k)  # the list each window's last event is ranked in
+        if self.n_text and len(self._text_pool):
+            drawn = self.rng.choice(self._text_pool, size=min(self.n_text, len(self._text_pool)), replace=False)
+            out["text_rows"] = torch.as_tensor(np.sort(drawn), dtype=torch.long)  # (N,)
         out["tokens"] = torch.tensor(int(b["attention_mask"].sum()))
         return out
 
@@ -224,6 +236,10 @@ class ItemTokenRetriever(Retriever):
             with torch.no_grad():  # identity at first: a new model's items start exactly as without it
                 self.text_proj.weight.copy_(torch.eye(hidden))
                 self.text_proj.bias.zero_()
+        if self.cfg.item_text_encoder > 0:  # the encoder's reading of an item's text, added to its text start
+            self.text_tower = nn.Linear(hidden, hidden)
+            nn.init.zeros_(self.text_tower.weight)  # zero at first: a new model's items start exactly as without it
+            nn.init.zeros_(self.text_tower.bias)
 
     @classmethod
     def encoder_options(cls) -> dict:
@@ -239,24 +255,51 @@ class ItemTokenRetriever(Retriever):
     def initial_item_vectors(self, item_tokens: Sequence[Sequence[int]]) -> torch.Tensor:
         """(n, H) first embeddings of items with these token ids: the mean of each item's
         word-piece embeddings ("text"; through ``text_proj`` when the model learned one with
-        ``item_text_dropout``), or BERT's random init. The one rule for items at first training,
-        items new to a warm-started run and items added to a serving model."""
+        ``item_text_dropout``, plus ``text_tower``'s reading of the text with ``item_text_encoder``),
+        or BERT's random init. The one rule for items at first training (both maps start neutral),
+        items new to a warm-started run, held-out items and items added to a serving model."""
         if self.cfg.item_init == "random":
             words = self.encoder.embeddings.word_embeddings.weight
             out = torch.empty(len(item_tokens), words.shape[1], dtype=words.dtype, device=words.device)
             return out.normal_(std=self.encoder.config.initializer_range)
-        return self._text_vectors(item_tokens)
+        was_training = self.training
+        self.eval()  # the encoder's reading (text_tower) without dropout: the same vector every time
+        try:
+            return self._text_vectors(item_tokens)
+        finally:
+            self.train(was_training)
 
     def _text_vectors(self, item_tokens: Sequence[Sequence[int]]) -> torch.Tensor:
-        """(n, H) each item's mean word-piece embedding (no gradient), then ``text_proj`` if any
-        (with its gradient when called under autograd)."""
+        """(n, H) each item's mean word-piece embedding (no gradient), then ``text_proj`` if any,
+        plus ``text_tower`` of the encoder's reading of the text if any (both with their gradients,
+        the encoder's included, when called under autograd; outside it a tower still at zero is
+        skipped: it adds nothing, and a fresh model's whole catalogue need not be read)."""
         words = self.encoder.embeddings.word_embeddings.weight.detach()  # (V, H)
         out = torch.empty(len(item_tokens), words.shape[1], dtype=words.dtype, device=words.device)
         for row, ids in enumerate(item_tokens):
             ids = torch.as_tensor(list(ids), dtype=torch.long, device=words.device)
             out[row] = words[ids].mean(dim=0) if len(ids) else words.mean(dim=0)
         proj = getattr(self, "text_proj", None)
-        return out if proj is None else proj(out)
+        out = out if proj is None else proj(out)
+        tower = getattr(self, "text_tower", None)
+        if tower is None or not (torch.is_grad_enabled() or tower.weight.any() or tower.bias.any()):
+            return out
+        return out + tower(self._read_texts(item_tokens))
+
+    def _read_texts(self, item_tokens: Sequence[Sequence[int]], chunk: int = 256) -> torch.Tensor:
+        """(n, H) the encoder's hidden states averaged over each item's first ``ITEM_TEXT_TOKENS`` word
+        pieces (read causally, as the user tower reads; no special tokens), ``chunk`` items a pass."""
+        device = self.item_emb.weight.device
+        pad = int(self.encoder.config.pad_token_id or 0)
+        rows = [np.asarray(list(ids)[:ITEM_TEXT_TOKENS] or [pad], dtype=np.int64) for ids in item_tokens]
+        out = []
+        for s in range(0, len(rows), chunk):
+            b = pad_rows(rows[s: s + chunk], [len(r) for r in rows[s: s + chunk]], pad)
+            ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)  # (n, T)
+            h = self.hidden_states(ids, mask)  # (n, T, H)
+            m = mask.unsqueeze(-1).to(h.dtype)
+            out.append((h * m).sum(dim=1) / m.sum(dim=1))  # (n, H)
+        return torch.cat(out)
 
     @torch.no_grad()
     def init_tables(self, item_tokens: Sequence[Sequence[int]] | None) -> None:
@@ -268,20 +311,30 @@ class ItemTokenRetriever(Retriever):
         if len(rows):
             self.item_emb.weight[torch.as_tensor(list(rows), dtype=torch.long)] = self.initial_item_vectors(item_tokens)
 
-    def _train_table(self) -> torch.Tensor | None:
-        """(N, H) the item table of one training step under ``model.item_text_dropout`` p: a fresh
+    def _train_table(self, text_rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(N, H) the item table of one training step that reads some rows as their text, the rest as
+        their learned tokens; None when off or none drawn. Under ``model.item_text_dropout`` p a fresh
         random p of the rows read as :meth:`initial_item_vectors` (their text through ``text_proj``,
-        which learns here where an untrained item belongs: DropoutNet, Volkovs et al. 2017), the rest
-        as their learned tokens; None when off or none drawn."""
-        p = self.cfg.item_text_dropout
-        if not (self.training and p > 0):
+        which learns here where an untrained item belongs: DropoutNet, Volkovs et al. 2017); under
+        ``model.item_text_encoder`` the batch's ``text_rows`` (the collator's uniform draw) do,
+        through the encoder and ``text_tower``, which learn it there.
+
+        (A first version drew the rows among the step's targets: the tower then saw mostly positives
+        and scored every text-read item above the learned ones, cold items crowding warm targets out.)"""
+        p, n_read = self.cfg.item_text_dropout, self.cfg.item_text_encoder
+        if not (self.training and (p > 0 or n_read > 0)):
             return None
         weight = self.item_emb.weight
         tokens = self._item_tokens
         if len(tokens) != len(weight):
-            raise RecsysError("model.item_text_dropout needs the item tokens of the model's catalogue")
-        drop = torch.rand(len(weight), device=weight.device) < p  # (N,)
-        rows = drop.nonzero().flatten().tolist()
+            raise RecsysError("model.item_text_dropout / item_text_encoder need the item tokens of the model's catalogue")
+        if n_read:
+            if text_rows is None:
+                raise RecsysError("model.item_text_encoder: the batch names no text_rows (not this kind's collator?)")
+            rows = text_rows.tolist()
+        else:
+            drop = torch.rand(len(weight), device=weight.device) < p  # (N,)
+            rows = drop.nonzero().flatten().tolist()
         if not rows:
             return None
         text = self._text_vectors([tokens[r] for r in rows])  # (R, H) the rule for new items; trains text_proj
@@ -388,12 +441,13 @@ class ItemTokenRetriever(Retriever):
         return SequenceCollator(catalogue, special, self.item_offset, self.cfg.history_len, settings.negatives,
                                 tokenizer, settings.seed + rank, sampled=settings.loss != "softmax",
                                 search_mix=self.cfg.search_mix, search_anonymous=self.cfg.search_anonymous,
-                                search_queries=self.cfg.search_queries, holdout_last=self.cfg.holdout_last)
+                                search_queries=self.cfg.search_queries, holdout_last=self.cfg.holdout_last,
+                                text_rows=self.cfg.item_text_encoder)
 
     def train_scores(self, batch: Batch) -> tuple[torch.Tensor, None]:
         """A prediction at every position with a target: (M, N) over the catalogue, or (M, 1 + K)
         over sampled candidates (column 0 the target)."""
-        table = self._train_table()  # the same rows read as text on both sides, or None
+        table = self._train_table(batch.get("text_rows"))  # the same rows read as text on both sides, or None
         vecs = self.encode_positions(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"),
                                      batch.get("visible"), table)  # (B, L, H)
         u = vecs[batch["targets"] >= 0]  # (M, H)
