@@ -47,9 +47,10 @@ class ModelConfig:
     # output side), through a learned linear map (``text_proj``, identity at first) that then also
     # places every item added after training or held out (cold start). 0 = off
     item_text_dropout: float = 0.0
-    # history="items", item_init text: at each training step up to N of the step's target items read
-    # as their text through the model's own encoder (mean of its hidden states over the item's word
-    # pieces, a learned linear map ``text_tower``, zero at first, added to the text start) instead of
+    # history="items", item_init text: at each training step N catalogue items, drawn uniformly from
+    # the ones with a train event, read as their text through the model's own encoder (mean of its
+    # hidden states over the item's word pieces, a learned linear map ``text_tower``, zero at first,
+    # added to the text start) instead of
     # their learned token, on the input and the output side alike; that tower then places every item
     # added after training or held out (cold start), as a text retriever's item tower does. 0 = off
     item_text_encoder: int = 0
