@@ -28,9 +28,10 @@ SCRIPT = REPO / "cluster" / "local-multinode.sh"
 BUCKET = "e2e"
 REPLICA_NODES = """
 import json
+import sys
 from ray.util.state import list_actors
 alive = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-print(json.dumps([a.node_id for a in alive if a.class_name == "ServeReplica:recsys:Retriever"]))
+print(json.dumps([a.node_id for a in alive if a.class_name == "ServeReplica:recsys:" + sys.argv[1]]))
 """
 
 
@@ -147,9 +148,9 @@ def test_jobs_on_a_three_node_cluster_with_s3(cluster, prepared, tmp_path):
     app = config["applications"][0]
     app["args"].update(checkpoint=f"s3://{BUCKET}/runs/cluster-cpu", popularity_weight=0.0)
     app["args"].pop("demo_data")  # local.yaml's demo page reads make demo's data, not this test's
-    for d in app["deployments"]:
-        if d["name"] == "Retriever":
-            d.update(num_replicas=2, ray_actor_options={"num_cpus": 0.25})
+    # the deployment that holds the retriever (local.yaml: the ingress itself, RetrieverAPI)
+    (holder,) = [d for d in app["deployments"] if d["name"] in ("Retriever", "RetrieverAPI")]
+    holder.update(num_replicas=2, ray_actor_options={"num_cpus": 0.25})
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
     dashboard = env["RAY_API_SERVER_ADDRESS"]
     deploy = subprocess.run(["serve", "deploy", str(tmp_path / "serve.yaml"), "-a", dashboard],
@@ -171,19 +172,19 @@ def test_jobs_on_a_three_node_cluster_with_s3(cluster, prepared, tmp_path):
         rec = requests.post(f"http://127.0.0.1:{http_port}/v1/recommend", timeout=30,
                             json={"user": {"history": ["i1", "i2"]}, "k": 3})
         assert rec.status_code == 200 and len(rec.json()["items"]) == 3, rec.text
-        # the two Retriever replicas run on two nodes (the cluster's State API says where), once
+        # the two replicas holding the retriever run on two nodes (the cluster's State API says where), once
         # Serve reports both running (readiness needs one)
         deadline, states = time.monotonic() + 120, {}
         while time.monotonic() < deadline:
             status = subprocess.run(["serve", "status", "-a", dashboard], capture_output=True, text=True,
                                     env=env, timeout=60)
             apps = (yaml.safe_load(status.stdout) or {}).get("applications") or {}
-            states = ((apps.get("recsys") or {}).get("deployments") or {}).get("Retriever", {}).get("replica_states") or {}
+            states = ((apps.get("recsys") or {}).get("deployments") or {}).get(holder["name"], {}).get("replica_states") or {}
             if states.get("RUNNING") == 2:
                 break
             time.sleep(2)
         assert states.get("RUNNING") == 2, states
-        where = subprocess.run(["python", "-c", REPLICA_NODES], capture_output=True, text=True, env=env, timeout=120)
+        where = subprocess.run(["python", "-c", REPLICA_NODES, holder["name"]], capture_output=True, text=True, env=env, timeout=120)
         nodes = json.loads(where.stdout.strip().splitlines()[-1])
         assert len(nodes) == 2 and len(set(nodes)) == 2, (nodes, where.stderr[-1000:])
     finally:

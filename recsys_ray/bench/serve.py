@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import datetime
 import json
@@ -115,6 +116,10 @@ class BenchServeConfig:
     mode: Literal["ranker", "recommend"] = "ranker"  # recommend: local.yaml's retriever-only /v1/recommend vs offline
     recommend_concurrency: list[int] = dataclasses.field(default_factory=lambda: [1, 8])  # mode=recommend clients
     precision: Literal["fp32", "int8", "onnx", "onnx-int8"] = "fp32"  # mode=recommend: the retriever's, offline and served
+    # mode=recommend: the app layouts measured one after the other (in_ingress: the ingress holds
+    # the retriever, RetrieverAPI; separate: RecsysAPI -> a Retriever deployment through a handle)
+    recommend_layouts: list[Literal["in_ingress", "separate"]] = dataclasses.field(
+        default_factory=lambda: ["in_ingress", "separate"])
     quick: bool = False  # short points, fewer of them (a smoke run, not numbers to quote)
     gpu: bool = False  # model replicas / plain server / offline predictor on CUDA
     seed: int = 0
@@ -126,6 +131,8 @@ class BenchServeConfig:
             out.append(f"concurrency must be a non-empty list of integers >= 1, got {self.concurrency}")
         if any(f <= 0 for f in self.open_loop):
             out.append(f"open_loop fractions must be > 0, got {self.open_loop}")
+        if not self.recommend_layouts or len(set(self.recommend_layouts)) != len(self.recommend_layouts):
+            out.append(f"recommend_layouts must be a non-empty list without repeats, got {self.recommend_layouts}")
         if not self.offline_batch_sizes or min(self.offline_batch_sizes) < 1:
             out.append(f"offline_batch_sizes must be integers >= 1, got {self.offline_batch_sizes}")
         return out
@@ -481,7 +488,8 @@ def offline_single_candidate(ckpt: dict[str, str], bodies: list[dict], batch: in
 # roles of the processes on this machine, by command line (Ray sets replica process titles)
 CPU_ROLES = [
     ("Ranker replicas", re.compile(r"ServeReplica:[^:\s]+:Ranker")),
-    ("Retriever replica", re.compile(r"ServeReplica:[^:\s]+:Retriever")),
+    ("ingress replica holding the retriever (RetrieverAPI)", re.compile(r"ServeReplica:[^:\s]+:RetrieverAPI")),
+    ("Retriever replica", re.compile(r"ServeReplica:[^:\s]+:Retriever\b")),
     ("ingress replica (RecsysAPI)", re.compile(r"ServeReplica:[^:\s]+:RecsysAPI")),
     ("HTTP proxy", re.compile(r"ray::ProxyActor")),
     ("Serve controller", re.compile(r"ray::ServeController")),
@@ -552,8 +560,9 @@ def bench_serve_config(cfg: BenchServeConfig, ckpt: dict[str, str], port: int, m
     deps = {d["name"]: d for d in app["deployments"]}
     if cfg.gpu:
         app["args"].update(device="auto", torch_threads=None, forward_batch_size=256)
-        for name in ("Ranker", "Retriever"):
-            deps[name]["ray_actor_options"] = {"num_cpus": 1, "num_gpus": 0.5}
+        for name in ("Ranker", "Retriever", "RetrieverAPI"):
+            if name in deps:
+                deps[name]["ray_actor_options"] = {"num_cpus": 1, "num_gpus": 0.5}
     if max_batch_size is not None:
         deps["Ranker"]["user_config"] = {**deps["Ranker"]["user_config"], "max_batch_size": max_batch_size}
     if fixed_replicas:
@@ -784,73 +793,123 @@ def _ratio(a, b) -> float | None:
 
 
 def offline_recommend(ckpt: str, bodies: list[dict], config: dict, batches: tuple[int, ...] = (1, 8, 16),
-                      users: int = 96, precision: str = "fp32") -> dict:
-    """users/s of ``Predictor.recommend`` (k 10, history excluded) with local.yaml's settings on one
-    torch thread (the Retriever replica's), ``b`` users per call for each b: the offline ceiling."""
+                      users: int = 96, precision: str = "fp32", threads: tuple[int, ...] = (1, 2)) -> dict:
+    """users/s of ``Predictor.recommend`` (k 10, history excluded) with local.yaml's settings,
+    ``b`` users per call for each b, on one torch thread (a Retriever replica's share: the
+    ``best_users_per_s`` ceiling) and on every count in ``threads`` (``best_users_per_s_machine``:
+    what the whole machine does offline, the ceiling of an app with a replica per core)."""
     args = config["applications"][0]["args"]
     threads_before = torch.get_num_threads()
-    p = Predictor(PredictorConfig(retriever=ckpt, batch_size=args["forward_batch_size"], torch_threads=1,
-                                  popularity_weight=args.get("popularity_weight", 0.0), precision=precision))
     try:
-        ctx = [p.user_inputs(b["user"]) for b in bodies[:users]]
-        excl = [p.items.rows(b["user"].get("history") or []) for b in bodies[:users]]
-        p.recommend(ctx[:16], 10, excl[:16])  # warm-up: item vectors, kernels
         out = {}
-        for b in batches:
-            t = _best_seconds("cpu", lambda b=b: [p.recommend(ctx[i:i + b], 10, excl[i:i + b]) for i in range(0, len(ctx), b)])
-            out[f"users_per_s_{b}_per_call"] = round(len(ctx) / t, 2)
-        out["best_users_per_s"] = max(out.values())
+        for t in sorted(set(threads) | {1}):
+            # a Predictor per thread count: an ONNX session takes its thread count when it loads
+            p = Predictor(PredictorConfig(retriever=ckpt, batch_size=args["forward_batch_size"], torch_threads=t,
+                                          popularity_weight=args.get("popularity_weight", 0.0), precision=precision))
+            ctx = [p.user_inputs(b["user"]) for b in bodies[:users]]
+            excl = [p.items.rows(b["user"].get("history") or []) for b in bodies[:users]]
+            p.recommend(ctx[:16], 10, excl[:16])  # warm-up: item vectors, kernels
+            suffix = "" if t == 1 else f"_{t}_threads"
+            for b in batches:
+                secs = _best_seconds("cpu", lambda b=b: [p.recommend(ctx[i:i + b], 10, excl[i:i + b])
+                                                         for i in range(0, len(ctx), b)])
+                out[f"users_per_s_{b}_per_call{suffix}"] = round(len(ctx) / secs, 2)
+        one = [v for k, v in out.items() if "threads" not in k]
+        out["best_users_per_s"] = max(one)
+        out["best_users_per_s_machine"] = max(v for k, v in out.items() if k.startswith("users_per_s"))
         out["ms_per_user_alone"] = round(1000 / out["users_per_s_1_per_call"], 2)
         return out
     finally:
         torch.set_num_threads(threads_before)
 
 
+def with_retriever_layout(config: dict, in_ingress: bool) -> dict:
+    """A copy of a Serve config with the retriever inside the HTTP ingress (one RetrieverAPI
+    deployment with the Retriever's options, the ingress's request limits) or as its own
+    Retriever deployment behind a RecsysAPI ingress of 0 CPU: the same model settings either way."""
+    config = copy.deepcopy(config)
+    app = config["applications"][0]
+    deps = {d["name"]: d for d in app.get("deployments", [])}
+    app["args"]["retriever_in_ingress"] = in_ingress
+    if in_ingress and "RetrieverAPI" not in deps:
+        fused = {**deps.pop("Retriever"), "name": "RetrieverAPI"}
+        ingress = deps.pop("RecsysAPI", {})
+        for key in ("max_ongoing_requests", "max_queued_requests"):
+            if key in ingress:
+                fused[key] = ingress[key]
+        deps["RetrieverAPI"] = fused
+    elif not in_ingress and "RetrieverAPI" in deps:
+        fused = deps.pop("RetrieverAPI")
+        deps["RecsysAPI"] = {"name": "RecsysAPI", "ray_actor_options": {"num_cpus": 0},
+                             **{k: fused[k] for k in ("max_ongoing_requests", "max_queued_requests",
+                                                      "backpressure_config") if k in fused}}
+        deps["Retriever"] = {**{k: v for k, v in fused.items() if k not in ("max_ongoing_requests", "max_queued_requests")},
+                             "name": "Retriever", "max_ongoing_requests": 32, "max_queued_requests": 64}
+    app["deployments"] = list(deps.values())
+    return config
+
+
 def run_recommend(cfg: BenchServeConfig, ckpt: dict[str, str], rec_bodies: list[dict]) -> dict:
-    """mode=recommend: local.yaml (Retriever only) on the run's checkpoint, closed loops on
-    /v1/recommend at each of ``recommend_concurrency``, with each point's Server-Timing stages."""
-    config = yaml.safe_load(RETRIEVER_CONFIG.read_text())
-    config["applications"][0]["args"]["precision"] = cfg.precision
-    out: dict = {"offline": offline_recommend(ckpt["retriever"], rec_bodies, config, precision=cfg.precision),
-                 "closed": {}, "precision": cfg.precision}
+    """mode=recommend: local.yaml (Retriever only) on the run's checkpoint in each of
+    ``recommend_layouts``, closed loops on /v1/recommend at each of ``recommend_concurrency``,
+    with each point's Server-Timing stages; one offline ceiling for all of them."""
+    base = yaml.safe_load(RETRIEVER_CONFIG.read_text())
+    base["applications"][0]["args"]["precision"] = cfg.precision
+    out: dict = {"offline": offline_recommend(ckpt["retriever"], rec_bodies, base, precision=cfg.precision),
+                 "layouts": {}, "precision": cfg.precision}
     log.info("offline recommend: %s", out["offline"])
     init_ray()
-    port = free_port(HOST)
-    config["http_options"].update(host=HOST, port=port, request_timeout_s=REQUEST_TIMEOUT_S)
-    config["applications"][0]["args"]["checkpoint"] = ckpt["retriever"]
-    config["applications"][0]["args"].pop("demo_data", None)
-    t0 = time.perf_counter()
-    deploy_config(config)
-    out["startup_s"] = round(time.perf_counter() - t0, 1)
-    try:
-        for c in cfg.recommend_concurrency:
-            r = asyncio.run(closed_loop(f"http://{HOST}:{port}/v1/recommend", rec_bodies, c, cfg.warmup_s,
-                                        cfg.duration_s, 1))
-            r["over_offline_best"] = _ratio(r["rps"], out["offline"]["best_users_per_s"])
-            out["closed"][str(c)] = r
-            log.info("serve /v1/recommend c=%d: %s; stages %s, outside the route %s ms", c, _brief(r),
-                     r["stages_ms"], r["outside_route_ms"])
-    finally:
-        serve.shutdown()
-    out["serve_config"] = config
+    for layout_name in cfg.recommend_layouts:
+        config = with_retriever_layout(base, layout_name == "in_ingress")
+        port = free_port(HOST)
+        config["http_options"].update(host=HOST, port=port, request_timeout_s=REQUEST_TIMEOUT_S)
+        config["applications"][0]["args"]["checkpoint"] = ckpt["retriever"]
+        config["applications"][0]["args"].pop("demo_data", None)
+        res: dict = {"closed": {}, "serve_config": config}
+        t0 = time.perf_counter()
+        deploy_config(config)
+        res["startup_s"] = round(time.perf_counter() - t0, 1)
+        try:
+            for c in cfg.recommend_concurrency:
+                with CpuAccount() as acct:
+                    r = asyncio.run(closed_loop(f"http://{HOST}:{port}/v1/recommend", rec_bodies, c, cfg.warmup_s,
+                                                cfg.duration_s, 1))
+                r["cpu"] = {**acct.result, "ms_per_request": acct.per_request_ms(r["rps"])}
+                r["over_offline_best"] = _ratio(r["rps"], out["offline"]["best_users_per_s"])
+                r["over_offline_machine_best"] = _ratio(r["rps"], out["offline"]["best_users_per_s_machine"])
+                res["closed"][str(c)] = r
+                log.info("serve /v1/recommend (%s) c=%d: %s; stages %s, outside the route %s ms", layout_name, c,
+                         _brief(r), r["stages_ms"], r["outside_route_ms"])
+        finally:
+            serve.shutdown()
+        out["layouts"][layout_name] = res
     return out
 
 
 def recommend_markdown(res: dict) -> str:
-    """mode=recommend: served vs offline users/s, and where a request's time went."""
-    off, closed = res["recommend"]["offline"], res["recommend"]["closed"]
+    """mode=recommend: served vs offline users/s, and where a request's time went, per layout."""
+    off, layouts = res["recommend"]["offline"], res["recommend"]["layouts"]
+    closed = {(name, c): r for name, lay in layouts.items() for c, r in lay["closed"].items()}
     names = list(dict.fromkeys(k for r in closed.values() for k in (r.get("stages_ms") or {})))
     lines = [f"Command: `{res['command']}`  ", f"{res['date']}, {res['machine']['cpus']} CPUs, Ray {res['machine']['ray']}; "
              f"wall time {res['wall_s']:.0f} s.", "",
              f"| offline Predictor.recommend (1 thread, {res['recommend'].get('precision', 'fp32')}) | users/s |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in off.items()]
-    lines += ["", "| /v1/recommend | req/s | x offline best | p50 ms | p99 ms | " + " | ".join(names) + " | outside the route |",
-              "|---|---|---|---|---|" + "---|" * (len(names) + 1)]
-    for c, r in closed.items():
+    lines += ["", "| layout | /v1/recommend | req/s | x offline best | p50 ms | p99 ms | " + " | ".join(names) + " | outside the route |",
+              "|---|---|---|---|---|---|" + "---|" * (len(names) + 1)]
+    for (name, c), r in closed.items():
         st = r.get("stages_ms") or {}
-        lines.append(f"| {_clients(c)} | {_fmt(r['rps'], 2)} | {_fmt(r['over_offline_best'], 3)} | {_fmt(r['p50_ms'], 1)} "
+        lines.append(f"| {name} | {_clients(c)} | {_fmt(r['rps'], 2)} | {_fmt(r['over_offline_best'], 3)} | {_fmt(r['p50_ms'], 1)} "
                      f"| {_fmt(r['p99_ms'], 1)} | " + " | ".join(_fmt(st.get(k), 1) for k in names)
                      + f" | {_fmt(r.get('outside_route_ms'), 1)} |")
+    roles = list(dict.fromkeys(k for r in closed.values() for k in (r.get("cpu") or {}).get("ms_per_request", {})))
+    if roles:
+        lines += ["", "CPU ms per answered request, by process:", "",
+                  "| layout | clients | machine cores busy | " + " | ".join(roles) + " |", "|---|---|---|" + "---|" * len(roles)]
+        for (name, c), r in closed.items():
+            cpu = r.get("cpu") or {}
+            per = cpu.get("ms_per_request", {})
+            lines.append(f"| {name} | {c} | {_fmt(cpu.get('machine_cores'), 2)} | " + " | ".join(_fmt(per.get(k), 1) for k in roles) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -886,8 +945,8 @@ def run_bench_serve(cfg: BenchServeConfig, command: str = "") -> dict:
             (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
             (out_dir / "results.md").write_text(recommend_markdown(results))
             return {"output": publish(cfg.output, out_dir), "offline": rec["offline"],
-                    "recommend": {c: {k: r[k] for k in ("rps", "p50_ms", "p99_ms", "over_offline_best", "stages_ms")}
-                                  for c, r in rec["closed"].items()}}
+                    "recommend": {f"{name} c={c}": {k: r[k] for k in ("rps", "p50_ms", "p99_ms", "over_offline_best", "stages_ms")}
+                                  for name, lay in rec["layouts"].items() for c, r in lay["closed"].items()}}
         device = "cuda" if cfg.gpu else "cpu"
         offline = offline_throughput(ckpt, bodies, cfg, device)
         if cfg.single_candidate_compare:

@@ -109,6 +109,7 @@ class AppArgs(BaseModel):
     precision: Literal[PRECISIONS] = Field("fp32", description="int8: dynamic quantization of the encoders' linear layers (CPU replicas); bf16 / fp16: half-precision encoders (GPU replicas); onnx / onnx-int8: the encoders run by ONNX Runtime, fp32 or int8 (CPU replicas)")
     index: Literal["exact", "ivf"] = Field("exact", description="retriever top k: exact (every item scored) or ivf (approximate faiss IVF index built when a replica loads; from about 10^5 items, docs/benchmarks.md)")
     index_nprobe: int = Field(32, ge=1, le=65536, description="ivf: index groups searched per user (more = closer to exact, slower)")
+    retriever_in_ingress: bool = Field(False, description="the HTTP ingress replicas (deployment RetrieverAPI) hold the retriever themselves instead of calling a Retriever deployment: one process and no handle call per request (docs/benchmarks.md); a ranker stays its own deployment")
     s3_endpoint: str | None = Field(None, description="S3-compatible store for s3:// checkpoints (default: AWS_ENDPOINT_URL(_S3), else AWS)")
     api_keys_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="name of an environment variable (on the ingress replicas' nodes) holding the accepted API keys, comma or whitespace separated; with it or api_keys_file every route but /healthz needs a key")
     demo_data: str | None = Field(None, description="a prepared data directory: GET /demo offers its first users (train history) as sample users; without it the page searches for nobody")

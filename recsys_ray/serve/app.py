@@ -17,6 +17,10 @@ Three deployments:
   length, cut into ``forward_batch_size`` rows per encoder pass) and each request gets its own
   slice back, in its order.
 - ``RecsysAPI``: the HTTP ingress (routes of :func:`recsys_ray.serve.api.create_api`).
+- ``RetrieverAPI`` (``retriever_in_ingress: true``) replaces ``RecsysAPI`` + ``Retriever``: the
+  ingress replica holds the retriever, so a request is parsed, encoded and ranked in one process
+  (the routes call it through :class:`InProcess`, the same interface as a handle). The ranker, when
+  there is one, stays its own deployment (scaled on its own, e.g. on GPUs).
 
 Batch size and wait are the model deployments' ``user_config`` (:class:`BatchConfig`), applied by
 ``reconfigure`` without restarting replicas. Scoring is the offline Predictor's own code, so served
@@ -268,9 +272,9 @@ class Ranker(_ModelReplica):
         return {"scores": scores.tolist(), "batch_size": batch, "timing": {"prep": _ms(t1 - t0), **timing}}
 
 
-@serve.deployment(**MODEL_DEPLOYMENT_OPTIONS)
-class Retriever(_ModelReplica):
-    """Dual encoder: the catalogue's item vectors in memory; user encodings batched."""
+class RetrieverReplica(_ModelReplica):
+    """Dual encoder: the catalogue's item vectors in memory; user encodings batched. Deployed on
+    its own (``Retriever``) or inside the HTTP ingress (``RetrieverAPI``)."""
 
     kind = "retriever"
 
@@ -323,6 +327,26 @@ class Retriever(_ModelReplica):
         # the top n of a user's top max-n list is its own top n (same order, ties by row)
         return [((rows[: r[1]], s[: r[1]]), len(requests), t)
                 for r, (rows, s), t in zip(requests, out, timing, strict=True)]
+
+
+Retriever = serve.deployment(name="Retriever", **MODEL_DEPLOYMENT_OPTIONS)(RetrieverReplica)
+
+
+class InProcess:
+    """A model replica object in this process, called the way a :class:`DeploymentHandle` is:
+    ``h.method.remote(...)`` is the awaitable of ``method(...)`` - no routing, no serialization,
+    no second process. How the ``RetrieverAPI`` ingress reaches the retriever it holds."""
+
+    def __init__(self, obj):
+        self._obj = obj
+
+    def __getattr__(self, name: str):
+        return _InProcessMethod(getattr(self._obj, name))
+
+
+class _InProcessMethod:
+    def __init__(self, fn):
+        self.remote = fn
 
 
 class ServeBackend:
@@ -456,6 +480,28 @@ class RecsysAPI:
         return create_api(self.backend)
 
 
+# the ingress that holds the retriever: what RecsysAPI's replicas take (0 CPU) plus what a model
+# replica needs (a CPU share, the batch user_config, a loading grace)
+RETRIEVER_API_OPTIONS = dict(MODEL_DEPLOYMENT_OPTIONS, max_ongoing_requests=64, max_queued_requests=256)
+
+
+@serve.deployment(name="RetrieverAPI", **RETRIEVER_API_OPTIONS)
+@serve.ingress()
+class RetrieverAPI(RetrieverReplica):
+    """HTTP ingress that holds the retriever itself (``retriever_in_ingress: true``): a request is
+    answered by the replica that parsed it, with no handle call to a second process (the ranker,
+    when there is one, stays its own deployment behind a handle). Scale it like a model
+    deployment: each replica loads the checkpoint and the item vectors."""
+
+    def __init__(self, ranker: DeploymentHandle | None, args: dict):
+        parsed = AppArgs.model_validate(args)
+        RetrieverReplica.__init__(self, **retriever_kwargs(parsed))
+        self.backend = ServeBackend(InProcess(self), ranker, parsed)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_api(self.backend)
+
+
 # ---------------------------------------------------------------------------------------------
 # the builder
 
@@ -533,16 +579,27 @@ def app_from_args(args: AppArgs, options: dict[str, dict] | None = None) -> Appl
     def opts(deployment):
         return deployment.options(**options[deployment.name]) if deployment.name in options else deployment
 
-    common = {"device": args.device, "forward_batch_size": args.forward_batch_size,
-              "max_context_tokens": args.max_context_tokens, "torch_threads": args.torch_threads,
-              "s3_endpoint": args.s3_endpoint, "precision": args.precision}
-    retriever = opts(Retriever).bind(args.checkpoint, items=args.items, popularity_weight=args.popularity_weight,
-                                     index=args.index, index_nprobe=args.index_nprobe, **common)
     ranker = None
     if args.ranker_checkpoint:
         # the retriever's catalogue for both: a row means the same item in both deployments
-        ranker = opts(Ranker).bind(args.ranker_checkpoint, items=args.items or args.checkpoint, **common)
+        ranker = opts(Ranker).bind(args.ranker_checkpoint, items=args.items or args.checkpoint, **_model_kwargs(args))
+    if args.retriever_in_ingress:
+        return opts(RetrieverAPI).bind(ranker, args.model_dump())
+    retriever = opts(Retriever).bind(**retriever_kwargs(args))
     return opts(RecsysAPI).bind(retriever, ranker, args.model_dump())
+
+
+def _model_kwargs(args: AppArgs) -> dict:
+    """Constructor arguments both model roles share."""
+    return {"device": args.device, "forward_batch_size": args.forward_batch_size,
+            "max_context_tokens": args.max_context_tokens, "torch_threads": args.torch_threads,
+            "s3_endpoint": args.s3_endpoint, "precision": args.precision}
+
+
+def retriever_kwargs(args: AppArgs) -> dict:
+    """:class:`RetrieverReplica`'s constructor arguments from checked app arguments."""
+    return {"checkpoint": args.checkpoint, "items": args.items, "popularity_weight": args.popularity_weight,
+            "index": args.index, "index_nprobe": args.index_nprobe, **_model_kwargs(args)}
 
 
 def build_app(args: AppArgs) -> Application:

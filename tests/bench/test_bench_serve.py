@@ -24,6 +24,7 @@ from recsys_ray.bench.serve import (
     ranker_batch_size,
     request_bodies,
     summarize,
+    with_retriever_layout,
 )
 from recsys_ray.errors import ConfigError, RecsysError
 
@@ -195,3 +196,29 @@ def test_offline_single_candidate_times_one_request_per_call_vs_batched(syn_data
     assert out["requests"] == min(16, len(bodies)) and out["batch"] == 4 and out["torch_threads"] == 1
     assert out["one_per_pass_pairs_per_s"] > 0 and out["batched_pairs_per_s"] > 0
     assert out["ratio"] == pytest.approx(out["batched_pairs_per_s"] / out["one_per_pass_pairs_per_s"], rel=0.01)
+
+
+def test_the_two_retriever_layouts_carry_the_same_model_settings():
+    """local.yaml as shipped, turned into the other layout and back: the retriever keeps its CPU
+    share, batch settings and backpressure; the ingress its request limits."""
+    import yaml
+
+    from recsys_ray.bench.serve import RETRIEVER_CONFIG
+    from recsys_ray.serve.api import AppArgs
+
+    shipped = yaml.safe_load(RETRIEVER_CONFIG.read_text())
+    for in_ingress in (True, False):
+        cfg = with_retriever_layout(shipped, in_ingress)
+        app = cfg["applications"][0]
+        assert AppArgs.model_validate(app["args"]).retriever_in_ingress is in_ingress
+        deps = {d["name"]: d for d in app["deployments"]}
+        model = deps["RetrieverAPI" if in_ingress else "Retriever"]
+        assert set(deps) == ({"RetrieverAPI"} if in_ingress else {"RecsysAPI", "Retriever"})
+        assert model["ray_actor_options"]["num_cpus"] == 0.5
+        assert model["user_config"] == {"max_batch_size": 16, "batch_wait_timeout_s": 0.0}
+        assert model["backpressure_config"]["retry_after_s"] == 1
+        if not in_ingress:
+            assert deps["RecsysAPI"]["ray_actor_options"] == {"num_cpus": 0}
+        back = with_retriever_layout(cfg, not in_ingress)
+        assert with_retriever_layout(back, in_ingress) == cfg
+    assert shipped == yaml.safe_load(RETRIEVER_CONFIG.read_text()), "the shipped config is not modified"

@@ -375,6 +375,73 @@ def test_retriever_only_app_scores_with_cosine_and_sheds_overload_with_503(serve
         serve.delete(name)
 
 
+def test_retriever_in_ingress_answers_every_route_from_one_process(serve_port, checkpoints, catalogue_ids):
+    """``retriever_in_ingress``: one deployment (RetrieverAPI) parses the request and runs the
+    retriever; its answers are the offline Predictor's, items added through it are recommended,
+    its handle 'hop' is an in-process call; with a ranker, the ranker stays its own deployment."""
+    from ray import serve
+
+    from recsys_ray.predict import Predictor, PredictorConfig
+
+    name = "recsys-fused"
+    deploy(name, {"checkpoint": checkpoints["retriever"], "device": "cpu", "retriever_in_ingress": True},
+           {"RetrieverAPI": SMALL_REPLICA})
+    base = f"http://127.0.0.1:{serve_port}/{name}"
+    try:
+        assert set(serve.status().applications[name].deployments) == {"RetrieverAPI"}
+        r = requests.get(f"{base}/readyz", timeout=30)
+        assert r.status_code == 200 and r.json()["models"]["retriever"]["kind"] == "retriever", r.text
+        offline = Predictor(PredictorConfig(retriever=checkpoints["retriever"]))
+        history = catalogue_ids[:30]
+        r = post(f"{base}/v1/recommend", {"user": {"history": history, "profile": {"age": 50}}, "k": 15})
+        assert r.status_code == 200 and r.json()["model"] == "retriever", r.text
+        ((rows, scores),) = offline.retrieve([offline.context_ids(history, {"age": 50})], 15, [offline.items.rows(history)])
+        assert [it["item_id"] for it in r.json()["items"]] == [offline.items.ids[i] for i in rows]
+        assert np.allclose([it["score"] for it in r.json()["items"]], scores, atol=1e-4)
+        stages = server_timing(r.headers["Server-Timing"])
+        assert {"retriever-prep", "retriever-wait", "retriever-model"} <= set(stages), stages
+        assert stages["retriever-hops"] < 5.0, stages  # an await in the same process, not a second replica
+
+        body = {"user": {"history": catalogue_ids[3:9]}, "item_ids": catalogue_ids[20:26]}
+        r = post(f"{base}/v1/score", body)
+        want = offline.score(offline.context_ids(catalogue_ids[3:9]),
+                             [offline.items.tokens[i] for i in offline.items.rows(catalogue_ids[20:26])])
+        assert r.status_code == 200 and np.allclose(r.json()["scores"], want, atol=1e-4), r.text
+        with ThreadPoolExecutor(8) as pool:  # concurrent users still share the replica's encoder passes
+            responses = list(pool.map(lambda j: post(f"{base}/v1/recommend", {"user": {"history": catalogue_ids[j:j + 4]}}),
+                                      range(8)))
+        assert [x.status_code for x in responses] == [200] * 8
+        assert max(int(x.headers["X-Batch-Size"]) for x in responses) > 1
+
+        new = [{"item_id": "fused-1", "text": "a vintage jazz collection for every day"}]
+        r = post(f"{base}/v1/items", {"items": new})
+        assert r.status_code == 200 and r.json()["added"] == 1, r.text
+        offline.add_items(["fused-1"], [new[0]["text"]])
+        r = post(f"{base}/v1/recommend", {"user": {"history": ["fused-1"]}, "k": 5})
+        ((rows, _),) = offline.retrieve([offline.context_ids(["fused-1"])], 5, [offline.items.rows(["fused-1"])])
+        assert r.status_code == 200 and [it["item_id"] for it in r.json()["items"]] == [offline.items.ids[i] for i in rows]
+        for bad in ({"user": {"history": ["nope"]}}, {"user": {}, "k": 0}, {"user": {}, "k": 10_000}):
+            r = post(f"{base}/v1/recommend", bad)
+            assert r.status_code == 422, (bad, r.text)
+    finally:
+        serve.delete(name)
+
+    deploy(name, {"checkpoint": checkpoints["retriever"], "ranker_checkpoint": checkpoints["ranker"], "device": "cpu",
+                  "retriever_in_ingress": True, "rerank_top": RERANK_TOP}, {"RetrieverAPI": SMALL_REPLICA})
+    try:
+        assert set(serve.status().applications[name].deployments) == {"RetrieverAPI", "Ranker"}
+        offline = Predictor(PredictorConfig(retriever=checkpoints["retriever"], ranker=checkpoints["ranker"],
+                                            rerank_top=RERANK_TOP))
+        history = catalogue_ids[:40:2]
+        r = post(f"{base}/v1/recommend", {"user": {"history": history}, "k": 10})
+        assert r.status_code == 200 and r.json()["model"] == "retriever+ranker", r.text
+        ((rows, _),) = offline.recommend([offline.context_ids(history)], 10, [offline.items.rows(history)])
+        assert [it["item_id"] for it in r.json()["items"]] == [offline.items.ids[i] for i in rows]
+        assert server_timing(r.headers["Server-Timing"])["ranker-hops"] >= 0
+    finally:
+        serve.delete(name)
+
+
 def test_search_through_serve_is_the_offline_search_ranking(serve_port, app, syn_data, tokenizer, tmp_path,
                                                            catalogue_ids):
     """/v1/search on a retriever trained for search (an untrained tiny one: the wiring, not the
@@ -525,7 +592,7 @@ def check_app_config(app, has_ranker: bool) -> dict:
     args = AppArgs.model_validate(app.args)  # what Serve does with the typed builder
     assert bool(args.ranker_checkpoint) == has_ranker
     deps = {d.name: d for d in app.deployments}
-    assert set(deps) <= {"RecsysAPI", "Retriever", "Ranker"}
+    assert set(deps) <= {"RecsysAPI", "Retriever", "RetrieverAPI", "Ranker"}
     assert ("Ranker" in deps) == has_ranker, "Serve refuses settings for a deployment the app lacks"
     for name in ("Retriever", "Ranker"):
         if name not in deps:
