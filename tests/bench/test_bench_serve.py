@@ -222,3 +222,21 @@ def test_the_two_retriever_layouts_carry_the_same_model_settings():
         back = with_retriever_layout(cfg, not in_ingress)
         assert with_retriever_layout(back, in_ingress) == cfg
     assert shipped == yaml.safe_load(RETRIEVER_CONFIG.read_text()), "the shipped config is not modified"
+
+
+def test_recommend_report_has_a_row_per_layout_and_client_count_with_both_ceilings():
+    from recsys_ray.bench.serve import recommend_markdown
+
+    point = {"rps": 80.0, "over_offline_best": 0.667, "over_offline_machine_best": 0.4, "p50_ms": 90.0, "p99_ms": 120.0,
+             "stages_ms": {"retriever-model": 45.0, "total": 65.0}, "outside_route_ms": 25.0,
+             "cpu": {"machine_cores": 1.6, "ms_per_request": {"HTTP proxy": 4.3}}}
+    res = {"command": "python jobs/bench_serve.py --set mode=recommend", "date": "today", "wall_s": 1.0,
+           "machine": {"cpus": 2, "ray": "2.60.0"},
+           "recommend": {"precision": "onnx", "offline": {"best_users_per_s": 120.0, "best_users_per_s_machine": 200.0},
+                         "layouts": {"in_ingress": {"closed": {"8": point}},
+                                     "separate": {"closed": {"8": {**point, "rps": 60.0, "cpu": {}}}}}}}
+    md = recommend_markdown(res)
+    rows = [ln for ln in md.splitlines() if ln.startswith("| in_ingress") or ln.startswith("| separate")]
+    assert len(rows) == 4  # two load rows, two CPU rows (the separate point has no CPU account: dashes)
+    assert rows[0].startswith("| in_ingress | closed, 8 clients | 80.00 | 0.667 | 0.400 | 90.0 | 120.0 | 45.0 | 65.0 | 25.0 |")
+    assert "| in_ingress | 8 | 1.60 | 4.3 |" in md and "| separate | 8 | - | - |" in md and "(1 thread, onnx)" in md
