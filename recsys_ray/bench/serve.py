@@ -811,8 +811,8 @@ def offline_recommend(ckpt: str, bodies: list[dict], config: dict, batches: tupl
             p.recommend(ctx[:16], 10, excl[:16])  # warm-up: item vectors, kernels
             suffix = "" if t == 1 else f"_{t}_threads"
             for b in batches:
-                secs = _best_seconds("cpu", lambda b=b: [p.recommend(ctx[i:i + b], 10, excl[i:i + b])
-                                                         for i in range(0, len(ctx), b)])
+                secs = _best_seconds("cpu", lambda b=b, p=p, ctx=ctx, excl=excl: [
+                    p.recommend(ctx[i:i + b], 10, excl[i:i + b]) for i in range(0, len(ctx), b)])
                 out[f"users_per_s_{b}_per_call{suffix}"] = round(len(ctx) / secs, 2)
         one = [v for k, v in out.items() if "threads" not in k]
         out["best_users_per_s"] = max(one)
