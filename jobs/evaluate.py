@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ranker", nargs="*", default=[], help="ranker checkpoint(s): one, or one per --checkpoint")
     parser.add_argument("--output", default="artifacts/eval")
     parser.add_argument("--rerank-top", type=int, default=50, help="two-stage: how many retrieved items the ranker rescores")
+    parser.add_argument("--beta", type=float, default=None,
+                        help="the popularity prior's beta for retriever+prior instead of choosing it on validation "
+                             "(required for a refit checkpoint, whose validation split is in sample)")
     parser.add_argument("--sampled", action="store_true", help="also report the (labelled) sampled 1+99 protocol")
     parser.add_argument("--max-users", type=int, default=0, help="evaluate the first N test users only (smoke runs)")
     parser.add_argument("--no-baselines", action="store_true")
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             out = evaluate(EvalSettings(
                 data=args.data, checkpoints=args.checkpoint, rankers=args.ranker, output=args.output,
-                rerank_top=args.rerank_top, sampled=args.sampled, max_users=args.max_users,
+                rerank_top=args.rerank_top, beta=args.beta, sampled=args.sampled, max_users=args.max_users,
                 baselines=not args.no_baselines, s3_endpoint=args.s3_endpoint, precision=args.precision,
                 targets=args.targets, task=args.task,
                 sequential=None if args.no_sequential else SequentialSettings(

@@ -64,6 +64,9 @@ class EvalSettings:
     output: str = "artifacts/eval"
     rerank_top: int = 50
     betas: tuple[float, ...] = DEFAULT_BETAS
+    # the prior's beta, given instead of chosen on validation: for a refit checkpoint (TrainConfig.refit),
+    # whose validation split is in sample; choose it on the same config's run without refit
+    beta: float | None = None
     sampled: bool = False
     sampled_negatives: int = 99
     seed: int = 0
@@ -125,6 +128,8 @@ class EvalSettings:
         elif self.targets == "cold_users" and layout.is_prepared(self.data) and not layout.has_part(
                 self.data, layout.split_part(layout.COLD_USERS)):
             out.append(f"--targets cold_users: {self.data} has no cold users (prepare it with --set cold_users=0.1)")
+        if self.beta is not None and self.beta < 0:
+            out.append(f"--beta {self.beta}: must be >= 0")
         if not self.betas or any(b < 0 for b in self.betas):
             out.append("betas must be a non-empty list of values >= 0")
         return out
@@ -277,6 +282,24 @@ def _best_beta(valid: dict[str, np.ndarray], betas: Sequence[float]) -> tuple[fl
     return best, curve
 
 
+def _check_refits(settings: EvalSettings) -> None:
+    """A refit checkpoint trained on the validation events: nothing may be chosen on them for it
+    (the prior's beta comes from ``--beta``; no two-stage gate). ConfigError naming the checkpoint."""
+    problems = []
+    for ckpt in settings.checkpoints:
+        if not (checkpoint.read_meta(ckpt).get("extra", {}).get("train_config") or {}).get("refit"):
+            continue
+        if settings.beta is None:
+            problems.append(f"{ckpt}: a refit checkpoint (trained on the validation events), so beta cannot be chosen "
+                            "on validation: pass --beta (the value its run without refit chose)")
+        if settings.rankers:
+            problems.append(f"{ckpt}: a refit checkpoint: the two-stage gate runs on validation, which it trained on")
+    if problems:
+        raise ConfigError(problems)
+    if settings.beta is not None and settings.beta not in settings.betas:
+        settings.betas = (*settings.betas, settings.beta)
+
+
 def evaluate(settings: EvalSettings) -> dict:
     """Score every model, write metrics.json / report.md / PNGs; returns the summary.
 
@@ -290,6 +313,7 @@ def evaluate(settings: EvalSettings) -> dict:
     storage.check_writable(settings.output, "--output")
     settings.checkpoints = [checkpoint.resolve(p) for p in settings.checkpoints]
     settings.rankers = [checkpoint.resolve(p) for p in settings.rankers]
+    _check_refits(settings)
     t0 = time.perf_counter()
     manifest = layout.read_manifest(settings.data)
     init_ray()
@@ -319,7 +343,10 @@ def evaluate(settings: EvalSettings) -> dict:
     for i, ckpt in enumerate(settings.checkpoints or [None] * len(rankers)):
         ranker = rankers[i] if rankers else None
         beta = None
-        if ckpt is not None:
+        if ckpt is not None and settings.beta is not None:
+            beta = settings.beta
+            betas_chosen.append({"checkpoint": ckpt, "beta": beta, "given": True})
+        elif ckpt is not None:
             valid = rank_split(settings, "valid", ckpt, None, None)
             beta, curve = _best_beta(valid, settings.betas)
             betas_chosen.append({"checkpoint": ckpt, "beta": beta, "valid_ndcg@10_by_beta": curve})
@@ -358,8 +385,10 @@ def evaluate(settings: EvalSettings) -> dict:
                          f"recall@{settings.rerank_top} alone is {np.mean(recalls):.4f} (an upper bound on HR@K of the pipeline)")
         if name == "retriever+prior":
             extra["betas"] = betas_chosen
-            notes.append("retriever+prior: score + beta * log(1 + train count); beta chosen per checkpoint on the "
-                         f"validation split from {list(settings.betas)}: " + ", ".join(str(b["beta"]) for b in betas_chosen))
+            notes.append("retriever+prior: score + beta * log(1 + train count); " + (
+                f"beta given (--beta): {settings.beta}" if settings.beta is not None else
+                f"beta chosen per checkpoint on the validation split from {list(settings.betas)}: "
+                + ", ".join(str(b["beta"]) for b in betas_chosen)))
         add(name, protocol, ps, extra)
     result = {
         "data": settings.data,

@@ -72,6 +72,7 @@ class TrainSettings:
     negatives: int
     max_context_tokens: int  # 0 = as prepared
     seed: int
+    refit: bool = False  # also train on each user's validation event (TrainConfig.refit)
 
 
 @dataclass

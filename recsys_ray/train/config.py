@@ -93,6 +93,11 @@ class TrainConfig:
     max_failures: int = 0  # worker failures tolerated (restarts from the latest checkpoint)
     log_every: int = 10  # rank 0 prints a progress line every N steps
     seed: int = 0  # model init, data order, dropout
+    # refit: also train on each user's validation event (the item-token retriever), as the
+    # baselines are refitted on everything before the test event. Validation is then in sample,
+    # so it is not run: the run keeps its last epoch; choose epochs and the prior's beta on a run
+    # without refit (docs/quality.md)
+    refit: bool = False
     torch_threads: int = 0  # intra-op threads per worker (0 = CPUs per worker)
 
     def problems(self) -> list[str]:
@@ -108,6 +113,11 @@ class TrainConfig:
             elif self.model.hard_pool and self.negatives > self.model.hard_pool:
                 out.append(f"negatives ({self.negatives}) must be <= model.hard_pool ({self.model.hard_pool}), "
                            "the shortlist they are drawn from")
+        if self.refit and (self.model.kind, self.model.history) != ("retriever", "items"):
+            out.append("refit: only the item-token retriever (model.kind retriever, model.history items) trains on "
+                       "the validation events")
+        elif self.refit and self.early_stopping.patience:
+            out.append("refit: early_stopping needs validation, and a refit run trains on it (keep early_stopping.patience 0)")
         metric = self.early_stopping.metric
         if metric in SEARCH_METRIC_NAMES and not self.model.search_mix:
             out.append(f"early_stopping.metric: {metric!r} is reported by search models only (model.search_mix > 0)")
@@ -119,7 +129,7 @@ class TrainConfig:
     def train_settings(self) -> TrainSettings:
         """What a model kind's batches and loss read."""
         return TrainSettings(loss=self.loss, negatives=self.negatives, max_context_tokens=self.max_context_tokens,
-                             seed=self.seed)
+                             seed=self.seed, refit=self.refit)
 
     def eval_settings(self) -> ValidationSettings:
         """What a model kind's validation reads."""

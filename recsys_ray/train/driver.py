@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 SUMMARY_METRICS = (SCORE, "hr@10", "mrr@10", "mrr", "protocol", "epoch", "global_step", "train_loss", "samples_per_s")
 SEARCH_SUMMARY = ("search_ndcg@10", "search_hr@10")  # a search model's runs only
+REFIT_SUMMARY = ("refit", "validated")  # a refit run's (TrainConfig.refit): not validated
 
 
 def check_vocab(manifest: dict, tokenizer, data_dir: str) -> None:
@@ -174,7 +175,8 @@ def summary(result, run_plan: dict, seconds: float, storage_path: str = "") -> d
         "run": storage.uri_of(storage_path, str(result.path)),
         "best_checkpoint": storage.uri_of(storage_path, best_path) if best_path else None,
         "metrics": {**{k: best_metrics.get(k) for k in SUMMARY_METRICS},
-                    **{k: best_metrics[k] for k in SEARCH_SUMMARY if k in best_metrics}},
+                    **{k: best_metrics[k] for k in SEARCH_SUMMARY if k in best_metrics},
+                    **{k: best_metrics[k] for k in REFIT_SUMMARY if best_metrics.get("refit")}},
         "final": {k: last.get(k) for k in ("epoch", "global_step", "train_loss", "samples_per_s", "restarts",
                                            "resumed_from_step", "stopped_early")},
         "steps_per_epoch": run_plan["steps_per_epoch"],

@@ -326,11 +326,14 @@ def train_loop_per_worker(config: dict) -> None:
                 save_and_report(w, state, {"global_step": global_step, "epoch": epoch, "validated": False,
                                            SCORE: UNVALIDATED_SCORE})
         dt = time.perf_counter() - t0
-        metrics = validate(w.model, w.valid_rows, w.catalogue, w.special, w.device, cfg.eval_settings())
+        if cfg.refit:  # trained on the validation events: no out-of-sample score, the last epoch is kept
+            metrics = {SCORE: UNVALIDATED_SCORE, "refit": True}
+        else:
+            metrics = validate(w.model, w.valid_rows, w.catalogue, w.special, w.device, cfg.eval_settings())
         metrics.update({
             "epoch": epoch + 1,
             "global_step": global_step,
-            "validated": True,
+            "validated": not cfg.refit,
             "train_loss": loss_sum / max(1, (spe - start_step) * accum),
             "samples_per_s": seen_examples * w.world / dt,
             "tokens_per_s": seen_tokens * w.world / dt,
@@ -338,7 +341,7 @@ def train_loop_per_worker(config: dict) -> None:
         stop = early_stopping_update(w, metrics)
         metrics["stopped_early"] = stop
         if w.rank == 0:
-            log.info("epoch %d validation: %s", epoch + 1,
+            log.info("epoch %d %s: %s", epoch + 1, "(refit, not validated)" if cfg.refit else "validation",
                      {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()})
         save_and_report(w, {"global_step": global_step, "epoch": epoch + 1, "step_in_epoch": 0}, metrics)
         if stop:

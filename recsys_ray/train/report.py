@@ -34,8 +34,11 @@ def format_summary(summary: dict) -> str:
         ("seconds", summary.get("seconds")),
         ("best checkpoint", summary.get("best_checkpoint")),
     ]
+    if m.get("refit"):  # trained on the validation events: nothing to validate, the last epoch is kept
+        rows = [(k, v) for k, v in rows if k not in ("protocol", "NDCG@10", "HR@10", "MRR@10", "MRR")]
     width = max(len(k) for k, _ in rows)
-    lines = ["validation metrics of the best checkpoint (leave-last-out; protocol full = every item ranked):"]
+    lines = ["refit run (trained on the validation events too): not validated, the last epoch is kept:" if m.get("refit")
+             else "validation metrics of the best checkpoint (leave-last-out; protocol full = every item ranked):"]
     for k, v in rows:
         shown = f"{v:.4f}" if isinstance(v, float) else str(v)
         lines.append(f"  {k:<{width}}  {shown}")

@@ -117,6 +117,47 @@ def test_windows_predict_the_next_train_item_and_never_see_valid_or_test(syn_dat
         assert not (cands[:, 1:] == cands[:, :1]).any()
 
 
+def test_refit_windows_also_end_at_the_validation_event_and_never_see_test(syn_data, tokenizer, items):
+    seqs = pads.dataset(f"{syn_data}/sequences").to_table().slice(0, 24).to_pylist()
+    assert all(len(r["item_ids"]) - r["n_train"] == 2 for r in seqs)  # train, validation, test
+    off, ends_at_valid = tokenizer.vocab_size, 0
+    for refit in (True, False):
+        collate = SequenceCollator(items, special_ids(tokenizer), off, 4, 0, tokenizer, seed=0, sampled=False, refit=refit)
+        for _ in range(30):
+            b = collate(seqs)
+            for row, ids, tgt in zip(seqs, b["input_ids"].tolist(), b["targets"].tolist(), strict=True):
+                seen = [items.index[i] for i in row["item_ids"][: row["n_train"] + refit]]
+                window = [t - off for t in ids if t >= off] + [t for t in tgt if t >= 0][-1:]
+                assert any(seen[s : s + len(window)] == window for s in range(len(seen))), (refit, window, seen)
+                # (seen stops before the test event, and without refit before the validation one)
+                ends_at_valid += refit and window == seen[-len(window):]
+    assert ends_at_valid > 0  # refit windows do end at the validation event
+
+
+def test_a_refit_run_keeps_its_last_epoch_and_evaluate_asks_for_beta(ray_session, syn_data, tokenizer, tmp_path):
+    from recsys_ray.evaluate.evaluate import EvalSettings, _check_refits
+    from recsys_ray.train.report import format_summary
+
+    base = {"data": syn_data, "model": {"kind": "retriever", "history": "items", "history_len": 8, "tiny": TINY},
+            "loss": "softmax", "negatives": 0, "batch_size": 8, "epochs": 2, "num_workers": 1,
+            "storage_path": str(tmp_path / "runs"), "name": "refit", "keep_checkpoints": 1, "refit": True}
+    with pytest.raises(ConfigError, match="refit: early_stopping"):
+        load_train_config({**base, "early_stopping": {"patience": 2}})
+    with pytest.raises(ConfigError, match="refit: only the item-token retriever"):
+        load_train_config({**base, "model": {"kind": "retriever", "history": "text", "tiny": TINY}})
+    res = fit(load_train_config(base))
+    assert res["metrics"]["epoch"] == 2 and res["metrics"]["validated"] is False and res["metrics"]["refit"] is True
+    assert "refit run" in format_summary(res) and "NDCG@10" not in format_summary(res)
+    ckpt = res["best_checkpoint"]
+    with pytest.raises(ConfigError, match="refit checkpoint .* pass --beta"):
+        _check_refits(EvalSettings(data=syn_data, checkpoints=[ckpt]))
+    with pytest.raises(ConfigError, match="two-stage gate"):
+        _check_refits(EvalSettings(data=syn_data, checkpoints=[ckpt], rankers=[ckpt], beta=0.5))
+    given = EvalSettings(data=syn_data, checkpoints=[ckpt], beta=0.7)
+    _check_refits(given)
+    assert 0.7 in given.betas
+
+
 @pytest.mark.parametrize("loss", ["softmax", "bpr"])
 def test_the_sequence_model_lowers_its_loss_on_a_fixed_batch(syn_data, tokenizer, items, loss):
     model = _model(tokenizer, items.tokens).train()

@@ -111,7 +111,9 @@ class SequenceCollator:
     def __init__(self, items: Catalogue, special: tuple[int, int, int], item_offset: int, history_len: int,
                  negatives: int, tokenizer, seed: int, sampled: bool, search_mix: float = 0.0,
                  search_anonymous: float = 0.0, search_queries: int = 1, with_history: bool = False,
-                 holdout_last: int = 0, lists_on_holdout: bool = False, text_rows: int = 0):
+                 holdout_last: int = 0, lists_on_holdout: bool = False, text_rows: int = 0,
+                 refit: bool = False):
+        self.refit = refit  # a split user's validation event is a train event too
         self.with_history = with_history  # also the catalogue rows before each window's last event
         # holdout_last k: each user's last k train events are never a next-item target; with
         # lists_on_holdout every window ends at one of them instead (an items ranker's lists)
@@ -145,7 +147,10 @@ class SequenceCollator:
     def __call__(self, rows: list[dict]) -> Batch:
         contexts, targets, layouts, before, lasts = [], [], [], [], []
         for r in rows:
-            seq = [self.items.index[i] for i in list(r["item_ids"])[: int(r["n_train"])]]  # n_train >= 1
+            ids, n = list(r["item_ids"]), int(r["n_train"])  # n_train >= 1
+            if self.refit and len(ids) - n == 2:  # train, validation, test: the validation event joins train
+                n += 1
+            seq = [self.items.index[i] for i in ids[:n]]
             kept = max(1, len(seq) - self.holdout)  # events that may be next-item targets
             if self.lists_on_holdout and kept < len(seq):  # the window ends at a held-out event
                 end = int(self.rng.integers(kept + 1, len(seq) + 1))
@@ -442,7 +447,7 @@ class ItemTokenRetriever(Retriever):
                                 tokenizer, settings.seed + rank, sampled=settings.loss != "softmax",
                                 search_mix=self.cfg.search_mix, search_anonymous=self.cfg.search_anonymous,
                                 search_queries=self.cfg.search_queries, holdout_last=self.cfg.holdout_last,
-                                text_rows=self.cfg.item_text_encoder)
+                                text_rows=self.cfg.item_text_encoder, refit=settings.refit)
 
     def train_scores(self, batch: Batch) -> tuple[torch.Tensor, None]:
         """A prediction at every position with a target: (M, N) over the catalogue, or (M, 1 + K)
