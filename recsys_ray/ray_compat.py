@@ -2,7 +2,7 @@
 
 Pinned to Ray 2.60 (pyproject). Each function imports the internal module when it is called, so a
 Ray upgrade that moves one breaks that one feature with an ImportError naming it, not every import
-of recsys_ray; the tests exercise all three.
+of recsys_ray; the tests exercise each.
 
 - :func:`deploy_serve_config`: ``serve run CONFIG`` / ``serve deploy`` from Python. ``serve.run``
   takes an application object and gives every deployment a fresh code version, so a change
@@ -11,6 +11,11 @@ of recsys_ray; the tests exercise all three.
   worker group starts (Tune's sweep guard frees the placement group of a trial ASHA killed).
   Ray Train passes non-user callbacks of ``RunConfig(callbacks=)`` to its controller as they are,
   "so custom workarounds built on top of internal callbacks" work; the base class is internal.
+- :func:`direct_ingress_urls`: where the ingress replicas of an application listen themselves
+  when Serve's direct ingress is on (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``, experimental in 2.60:
+  each ingress replica serves HTTP on a port the controller hands out from 30000-31000, no proxy
+  on the path). Serve's own tests read them from the controller's ``get_target_groups``; no public
+  API lists them.
 - :func:`read_run_snapshot`: the kept checkpoints of a Ray Train run and the metrics they were
   reported with, from the run folder alone (``checkpoint_manager_snapshot.json``). Ray's public
   ``Result`` needs the driver that ran the fit; ``Result.from_path`` reads Tune's layout, not a
@@ -68,3 +73,15 @@ def read_run_snapshot(run_path: str) -> dict | None:
     except (ValueError, KeyError, TypeError, AttributeError):
         return None  # another layout (another Ray version): callers fall back to the folder listing
     return {"checkpoints": kept, "latest": last}
+
+
+def direct_ingress_urls(app_name: str) -> list[str]:
+    """``http://ip:port`` of each running ingress replica of ``app_name`` that serves HTTP itself
+    (Serve direct ingress); empty when direct ingress is off (the targets are then the proxies)."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import RequestProtocol
+
+    controller = _get_global_client()._controller
+    groups = ray.get(controller.get_target_groups.remote(app_name))
+    return [f"http://{t.ip}:{t.port}" for g in groups if g.protocol == RequestProtocol.HTTP and g.ingress_deployment_name
+            for t in g.targets]

@@ -60,6 +60,7 @@ import torch
 import yaml
 from ray import serve
 
+from recsys_ray import ray_compat
 from recsys_ray.bench.common import busy_cpus, publish, work_dir
 from recsys_ray.checkpoint import resolve
 from recsys_ray.config import build_config, to_dict
@@ -117,8 +118,10 @@ class BenchServeConfig:
     recommend_concurrency: list[int] = dataclasses.field(default_factory=lambda: [1, 8])  # mode=recommend clients
     precision: Literal["fp32", "int8", "onnx", "onnx-int8"] = "fp32"  # mode=recommend: the retriever's, offline and served
     # mode=recommend: the app layouts measured one after the other (in_ingress: the ingress holds
-    # the retriever, RetrieverAPI; separate: RecsysAPI -> a Retriever deployment through a handle)
-    recommend_layouts: list[Literal["in_ingress", "separate"]] = dataclasses.field(
+    # the retriever, RetrieverAPI; separate: RecsysAPI -> a Retriever deployment through a handle;
+    # direct: in_ingress, the clients calling the replica's own HTTP port, no proxy (Serve direct
+    # ingress: the run's Ray then starts with RAY_SERVE_ENABLE_DIRECT_INGRESS=1, every layout alike))
+    recommend_layouts: list[Literal["in_ingress", "separate", "direct"]] = dataclasses.field(
         default_factory=lambda: ["in_ingress", "separate"])
     quick: bool = False  # short points, fewer of them (a smoke run, not numbers to quote)
     gpu: bool = False  # model replicas / plain server / offline predictor on CUDA
@@ -858,9 +861,15 @@ def run_recommend(cfg: BenchServeConfig, ckpt: dict[str, str], rec_bodies: list[
     out: dict = {"offline": offline_recommend(ckpt["retriever"], rec_bodies, base, precision=cfg.precision),
                  "layouts": {}, "precision": cfg.precision}
     log.info("offline recommend: %s", out["offline"])
+    direct = "direct" in cfg.recommend_layouts
+    if direct:  # read by every Serve process when it starts: the Ray this run starts must carry it
+        if ray.is_initialized() and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+            raise RecsysError("recommend_layouts direct: Ray is already running without RAY_SERVE_ENABLE_DIRECT_INGRESS=1")
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+    out["direct_ingress_on"] = direct
     init_ray()
     for layout_name in cfg.recommend_layouts:
-        config = with_retriever_layout(base, layout_name == "in_ingress")
+        config = with_retriever_layout(base, layout_name in ("in_ingress", "direct"))
         port = free_port(HOST)
         config["http_options"].update(host=HOST, port=port, request_timeout_s=REQUEST_TIMEOUT_S)
         config["applications"][0]["args"]["checkpoint"] = ckpt["retriever"]
@@ -870,9 +879,16 @@ def run_recommend(cfg: BenchServeConfig, ckpt: dict[str, str], rec_bodies: list[
         deploy_config(config)
         res["startup_s"] = round(time.perf_counter() - t0, 1)
         try:
+            base_url = f"http://{HOST}:{port}"
+            if layout_name == "direct":
+                urls = ray_compat.direct_ingress_urls(config["applications"][0]["name"])
+                if len(urls) != 1:
+                    raise RecsysError(f"recommend_layouts direct: expected one ingress replica serving HTTP itself, got {urls}")
+                # the replica binds http_options.host (HOST) like the proxy; the target names the node's IP
+                base_url = res["url"] = f"http://{HOST}:{urls[0].rsplit(':', 1)[1]}"
             for c in cfg.recommend_concurrency:
                 with CpuAccount() as acct:
-                    r = asyncio.run(closed_loop(f"http://{HOST}:{port}/v1/recommend", rec_bodies, c, cfg.warmup_s,
+                    r = asyncio.run(closed_loop(f"{base_url}/v1/recommend", rec_bodies, c, cfg.warmup_s,
                                                 cfg.duration_s, 1))
                 r["cpu"] = {**acct.result, "ms_per_request": acct.per_request_ms(r["rps"])}
                 r["over_offline_best"] = _ratio(r["rps"], out["offline"]["best_users_per_s"])

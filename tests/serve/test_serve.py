@@ -381,6 +381,7 @@ def test_retriever_in_ingress_answers_every_route_from_one_process(serve_port, c
     its handle 'hop' is an in-process call; with a ranker, the ranker stays its own deployment."""
     from ray import serve
 
+    from recsys_ray import ray_compat
     from recsys_ray.predict import Predictor, PredictorConfig
 
     name = "recsys-fused"
@@ -389,6 +390,7 @@ def test_retriever_in_ingress_answers_every_route_from_one_process(serve_port, c
     base = f"http://127.0.0.1:{serve_port}/{name}"
     try:
         assert set(serve.status().applications[name].deployments) == {"RetrieverAPI"}
+        assert ray_compat.direct_ingress_urls(name) == []  # direct ingress off: only the proxy serves HTTP
         r = requests.get(f"{base}/readyz", timeout=30)
         assert r.status_code == 200 and r.json()["models"]["retriever"]["kind"] == "retriever", r.text
         offline = Predictor(PredictorConfig(retriever=checkpoints["retriever"]))
