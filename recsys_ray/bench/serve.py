@@ -866,6 +866,8 @@ def run_recommend(cfg: BenchServeConfig, ckpt: dict[str, str], rec_bodies: list[
         if ray.is_initialized() and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
             raise RecsysError("recommend_layouts direct: Ray is already running without RAY_SERVE_ENABLE_DIRECT_INGRESS=1")
         os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+        # an ingress replica drains 30 s before it stops by default: nothing to drain between layouts
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
     out["direct_ingress_on"] = direct
     init_ray()
     for layout_name in cfg.recommend_layouts:
@@ -898,8 +900,19 @@ def run_recommend(cfg: BenchServeConfig, ckpt: dict[str, str], rec_bodies: list[
                          _brief(r), r["stages_ms"], r["outside_route_ms"])
         finally:
             serve.shutdown()
+            _wait_serve_gone()
         out["layouts"][layout_name] = res
     return out
+
+
+def _wait_serve_gone(timeout_s: float = 120) -> None:
+    """Until Serve's controller actor is gone: with direct ingress, ``serve.shutdown()`` returns
+    while the controller still drains, and the next deploy would reach a controller shutting down."""
+    deadline = time.monotonic() + timeout_s
+    while any(a["name"] == "SERVE_CONTROLLER_ACTOR" for a in ray.util.list_named_actors(all_namespaces=True)):
+        if time.monotonic() > deadline:
+            raise RecsysError(f"Serve's controller still running {timeout_s:.0f} s after serve.shutdown()")
+        time.sleep(0.5)
 
 
 def recommend_markdown(res: dict) -> str:
@@ -908,7 +921,9 @@ def recommend_markdown(res: dict) -> str:
     closed = {(name, c): r for name, lay in layouts.items() for c, r in lay["closed"].items()}
     names = list(dict.fromkeys(k for r in closed.values() for k in (r.get("stages_ms") or {})))
     lines = [f"Command: `{res['command']}`  ", f"{res['date']}, {res['machine']['cpus']} CPUs, Ray {res['machine']['ray']}; "
-             f"wall time {res['wall_s']:.0f} s.", "",
+             f"wall time {res['wall_s']:.0f} s."
+             + (" Serve direct ingress on (RAY_SERVE_ENABLE_DIRECT_INGRESS=1) for every layout; `direct` calls the "
+                "replica's own port, the others the proxy." if res["recommend"].get("direct_ingress_on") else ""), "",
              f"| offline Predictor.recommend (1 thread, {res['recommend'].get('precision', 'fp32')}) | users/s |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in off.items()]
     lines += ["", "| layout | /v1/recommend | req/s | x offline best (1 thread) | x offline best (machine) | p50 ms | p99 ms | "

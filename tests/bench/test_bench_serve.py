@@ -240,3 +240,8 @@ def test_recommend_report_has_a_row_per_layout_and_client_count_with_both_ceilin
     assert len(rows) == 4  # two load rows, two CPU rows (the separate point has no CPU account: dashes)
     assert rows[0].startswith("| in_ingress | closed, 8 clients | 80.00 | 0.667 | 0.400 | 90.0 | 120.0 | 45.0 | 65.0 | 25.0 |")
     assert "| in_ingress | 8 | 1.60 | 4.3 |" in md and "| separate | 8 | - | - |" in md and "(1 thread, onnx)" in md
+    assert "direct ingress" not in md
+    res["recommend"]["direct_ingress_on"] = True
+    res["recommend"]["layouts"]["direct"] = {"closed": {"8": {**point, "rps": 100.0}}, "url": "http://127.0.0.1:30000"}
+    md = recommend_markdown(res)
+    assert "Serve direct ingress on" in md and "| direct | closed, 8 clients | 100.00 |" in md
