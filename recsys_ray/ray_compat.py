@@ -15,7 +15,8 @@ of recsys_ray; the tests exercise each.
   when Serve's direct ingress is on (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``, experimental in 2.60:
   each ingress replica serves HTTP on a port the controller hands out from 30000-31000, no proxy
   on the path). Serve's own tests read them from the controller's ``get_target_groups``; no public
-  API lists them.
+  API lists them. :func:`wait_serve_gone` waits for the controller actor (by Serve's internal name)
+  to exit: with direct ingress ``serve.shutdown()`` returns while it still drains.
 - :func:`read_run_snapshot`: the kept checkpoints of a Ray Train run and the metrics they were
   reported with, from the run folder alone (``checkpoint_manager_snapshot.json``). Ray's public
   ``Result`` needs the driver that ran the fit; ``Result.from_path`` reads Tune's layout, not a
@@ -85,3 +86,19 @@ def direct_ingress_urls(app_name: str) -> list[str]:
     groups = ray.get(controller.get_target_groups.remote(app_name))
     return [f"http://{t.ip}:{t.port}" for g in groups if g.protocol == RequestProtocol.HTTP and g.ingress_deployment_name
             for t in g.targets]
+
+
+def wait_serve_gone(timeout_s: float = 120) -> None:
+    """Until Serve's controller actor is gone: with direct ingress, ``serve.shutdown()`` returns
+    while the controller still drains, and the next deploy would reach a controller shutting down."""
+    import time
+
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME
+
+    from recsys_ray.errors import RecsysError
+
+    deadline = time.monotonic() + timeout_s
+    while any(a["name"] == SERVE_CONTROLLER_NAME for a in ray.util.list_named_actors(all_namespaces=True)):
+        if time.monotonic() > deadline:
+            raise RecsysError(f"Serve's controller still running {timeout_s:.0f} s after serve.shutdown()")
+        time.sleep(0.5)

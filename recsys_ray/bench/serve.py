@@ -900,19 +900,9 @@ def run_recommend(cfg: BenchServeConfig, ckpt: dict[str, str], rec_bodies: list[
                          _brief(r), r["stages_ms"], r["outside_route_ms"])
         finally:
             serve.shutdown()
-            _wait_serve_gone()
+            ray_compat.wait_serve_gone()
         out["layouts"][layout_name] = res
     return out
-
-
-def _wait_serve_gone(timeout_s: float = 120) -> None:
-    """Until Serve's controller actor is gone: with direct ingress, ``serve.shutdown()`` returns
-    while the controller still drains, and the next deploy would reach a controller shutting down."""
-    deadline = time.monotonic() + timeout_s
-    while any(a["name"] == "SERVE_CONTROLLER_ACTOR" for a in ray.util.list_named_actors(all_namespaces=True)):
-        if time.monotonic() > deadline:
-            raise RecsysError(f"Serve's controller still running {timeout_s:.0f} s after serve.shutdown()")
-        time.sleep(0.5)
 
 
 def recommend_markdown(res: dict) -> str:
