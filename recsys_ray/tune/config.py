@@ -138,6 +138,9 @@ class SweepConfig:
         if self.tune.metric.startswith(SEARCH_PREFIX) and not self.train.model.search_mix:
             out.append(f"tune.metric: {self.tune.metric!r} is reported by search models only: set "
                        "train.model.search_mix > 0")
+        if self.train.refit or "refit" in self.tune.search_space:
+            out.append("train.refit: a refit run trains on the validation events and reports no validation score, "
+                       "so every trial would rank alike: tune without refit, then refit the winner (docs/quality.md)")
         if value_problems(self.train):
             return out  # the base config's own problems are reported once, not per space value
         out.extend(space_problems(self.tune.search_space, to_dict(self.train), self.tune.search_alg))

@@ -130,6 +130,9 @@ def test_empty_space_unknown_metric_and_impossible_combinations_are_refused(syn_
     # every loss is valid for the retriever, but bce / bpr / lambdarank need sampled negatives
     with pytest.raises(ConfigError, match=r"loss 'bpr' needs negatives >= 1"):
         _sweep(syn_data, tmp_path, "n", {"loss": {"choice": ["softmax", "bpr"]}, "negatives": {"choice": [0, 2]}})
+    # a refit run reports no validation score: a sweep of them could not rank its trials
+    with pytest.raises(ConfigError, match="every trial would rank alike"):
+        _sweep(syn_data, tmp_path, "r", None, train={"refit": True, "model": {"kind": "retriever", "history": "items"}})
     # checks that need the data: more negatives than were prepared, more layers than the encoder has
     sweep = _sweep(syn_data, tmp_path, "d", {"negatives": {"choice": [2, 9]}})
     with pytest.raises(ConfigError, match=r"negatives=9 but .* was prepared with 4"):
