@@ -276,7 +276,7 @@ def _headline(models: dict) -> dict:
 # --- the job -------------------------------------------------------------------------------------
 
 
-def _best_beta(valid: dict[str, np.ndarray], betas: Sequence[float]) -> tuple[float, dict]:
+def best_beta(valid: dict[str, np.ndarray], betas: Sequence[float]) -> tuple[float, dict]:
     curve = {float(b): metrics_of(valid[f"rank_b{j}"])["ndcg@10"] for j, b in enumerate(betas)}
     best = max(curve, key=lambda b: (curve[b], -b))  # ties: the smaller prior
     return best, curve
@@ -348,7 +348,7 @@ def evaluate(settings: EvalSettings) -> dict:
             betas_chosen.append({"checkpoint": ckpt, "beta": beta, "given": True})
         elif ckpt is not None:
             valid = rank_split(settings, "valid", ckpt, None, None)
-            beta, curve = _best_beta(valid, settings.betas)
+            beta, curve = best_beta(valid, settings.betas)
             betas_chosen.append({"checkpoint": ckpt, "beta": beta, "valid_ndcg@10_by_beta": curve})
             if ranker is not None:  # the gate: two-stage only where it beats its retriever on validation
                 two = metrics_of(rank_split(settings, "valid", ckpt, ranker, beta)["rank_two_stage"])["ndcg@10"]
@@ -434,7 +434,7 @@ def _cold_user_rows(settings: EvalSettings, manifest: dict, t0: float) -> dict:
     kth_ranks = target_ranks(at_k[positions], targets[keep], mask[keep])
     per: dict[str, list[dict]] = {}
     for ckpt in settings.checkpoints:
-        beta, _ = _best_beta(rank_split(settings, "valid", ckpt, None, None), settings.betas)
+        beta, _ = best_beta(rank_split(settings, "valid", ckpt, None, None), settings.betas)
         ranks = rank_split(settings, layout.COLD_USERS, ckpt, None, None)
         j = list(settings.betas).index(beta)
         for k in sorted(set(positions)):

@@ -131,16 +131,15 @@ def average_state(states: Sequence[dict[str, torch.Tensor]], names: Sequence[str
 
 def _validation(settings: SoupSettings, paths: Sequence[str]) -> list[dict]:
     """Validation NDCG@10 of each checkpoint (raw, and + prior at its best beta)."""
-    from recsys_ray.evaluate.evaluate import DEFAULT_BETAS, EvalSettings, metrics_of, rank_split
+    from recsys_ray.evaluate.evaluate import EvalSettings, best_beta, metrics_of, rank_split
     from recsys_ray.runtime import init_ray
 
     init_ray()
-    ev = EvalSettings(data=settings.data, max_users=settings.max_users, betas=DEFAULT_BETAS)
+    ev = EvalSettings(data=settings.data, max_users=settings.max_users)
     rows = []
     for p in paths:
         ranks = rank_split(ev, "valid", p, None, None)
-        curve = {b: metrics_of(ranks[f"rank_b{j}"])["ndcg@10"] for j, b in enumerate(ev.betas)}
-        beta = max(curve, key=lambda b: (curve[b], -b))
+        beta, curve = best_beta(ranks, ev.betas)
         rows.append({"checkpoint": p, "valid_ndcg@10": round(metrics_of(ranks["rank_retriever"])["ndcg@10"], 5),
                      "valid_ndcg@10+prior": round(curve[beta], 5), "beta": beta})
     return rows
@@ -148,8 +147,8 @@ def _validation(settings: SoupSettings, paths: Sequence[str]) -> list[dict]:
 
 def _pick(path: str, pick: str) -> str:
     """The local checkpoint ``path`` means: a run directory's best, or with ``last`` its latest."""
-    if pick == "last" and not (Path(path) / checkpoint.WEIGHTS_FILE).is_file():
-        latest = checkpoint.latest_result(path)
+    if pick == "last":
+        latest = checkpoint.latest_result(path)  # None for a checkpoint directory (no run snapshot)
         if latest is not None:
             path = latest["checkpoint_path"]
     return checkpoint.resolve(path)
@@ -173,11 +172,11 @@ def soup(settings: SoupSettings) -> dict:
     digests = {vocab_digest(m.tokenizer) for m in models}
     if len(digests) > 1:
         raise ConfigError(["ingredients use different vocabularies: they were not fine-tuned from one model"])
-    refit = bool(_train_config(checkpoint.read_meta(paths[0])).get("refit"))
+    configs = [dict(m.extra.get("train_config") or {}) for m in models]  # the checkpoints' extra, loaded
+    refit = bool(configs[0].get("refit"))
     storage.check_writable(settings.output, "--output")
     base = models[0]
     base.load_state_dict(average_state([m.state_dict() for m in models], paths))
-    configs = [_train_config(checkpoint.read_meta(p)) for p in paths]
     differs = sorted(k for k in set().union(*configs) if len({repr(c.get(k)) for c in configs}) > 1)
     extra = dict(base.extra)
     extra.update({"step": None, "epoch": None, "loss": None, "metrics": {},
