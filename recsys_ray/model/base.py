@@ -174,6 +174,12 @@ class BertRecommender(nn.Module):
         """BertConfig overrides this kind reads the encoder with (e.g. a causal mask)."""
         return {}
 
+    def encoder_owners(self) -> list[nn.Module]:
+        """Every module whose ``.encoder`` is a BERT this model runs when it scores (compression
+        replaces each one: :func:`recsys_ray.model.compress.compress`); a kind holding a second
+        encoder (the items ranker's frozen first stage) adds its owner."""
+        return [self]
+
     def init_tables(self, item_tokens: Sequence[Sequence[int]] | None) -> None:
         """A new model's per-item parameters from the catalogue (none unless the kind has them)."""
 

@@ -6,7 +6,8 @@ fp32: a one-output ranker head in int8 loses the ranking) with PyTorch's own
 ``torch.ao.quantization.quantize_dynamic``:
 weights stored as int8, activations quantized per batch, CPU only (x86 / ARM kernels). Embedding
 tables (word pieces, positions, item tokens) stay fp32, so item vectors of the item-token
-retriever are exact and only the user encoder is approximated. Scores stay close to fp32
+retriever are exact and only the user encoder is approximated. Every encoder a model runs is
+compressed (``encoder_owners``): the items ranker's frozen first stage as well as its copy. Scores stay close to fp32
 (tests/model/test_compress.py bounds the difference; docs/benchmarks.md has the speed and the
 NDCG@10 of both on MovieLens-100K).
 
@@ -38,30 +39,34 @@ def compress(model: nn.Module, precision: str, device: torch.device) -> nn.Modul
         raise RecsysError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return model
-    if precision in HALF:
-        half_encoder(model.encoder, HALF[precision])
-        model.precision = precision
-        return model
-    if device.type != "cpu":
+    if precision not in HALF and device.type != "cpu":
         raise RecsysError(f"precision {precision} runs on CPU only (device is {device}); use fp32, bf16 or fp16 on GPUs")
-    if getattr(model, "lora_rank", None) is not None:
+    if precision not in HALF and getattr(model, "lora_rank", None) is not None:
         raise RecsysError(f"precision {precision} needs plain weights: this checkpoint carries unmerged LoRA adapters")
-    if precision.startswith("onnx"):
+    owners = model.encoder_owners() if hasattr(model, "encoder_owners") else [model]
+    for owner in owners:  # every encoder the model runs (the items ranker: its first stage's as well)
+        _compress_encoder(owner, precision)
+        owner.precision = precision
+    return model
+
+
+def _compress_encoder(owner: nn.Module, precision: str) -> None:
+    """Replace or convert ``owner.encoder`` for ``precision`` (not fp32; checked by :func:`compress`)."""
+    if precision in HALF:
+        half_encoder(owner.encoder, HALF[precision])
+    elif precision.startswith("onnx"):
         from recsys_ray.model.onnx_backend import OrtEncoder
 
-        model.encoder = OrtEncoder(model.encoder, quantize=precision == "onnx-int8")
-        model.precision = precision
-        return model
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+        owner.encoder = OrtEncoder(owner.encoder, quantize=precision == "onnx-int8")
+    else:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    with warnings.catch_warnings():  # torch marks its quantized tensor constructors deprecated (still the API in 2.13)
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        # one int8 scale per output row, not per matrix: on the MiniLM retriever the full-catalogue
-        # scores correlate 0.995 with fp32 instead of 0.978 (docs/benchmarks.md)
-        quantize_dynamic(model.encoder, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
-    model.precision = precision
-    return model
+        with warnings.catch_warnings():  # torch marks its quantized tensor constructors deprecated (still the API in 2.13)
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            # one int8 scale per output row, not per matrix: on the MiniLM retriever the full-catalogue
+            # scores correlate 0.995 with fp32 instead of 0.978 (docs/benchmarks.md)
+            quantize_dynamic(owner.encoder, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
 
 
 def half_encoder(encoder: nn.Module, dtype: torch.dtype) -> None:

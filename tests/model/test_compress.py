@@ -175,3 +175,44 @@ def test_the_precision_benchmark_compares_each_backend_with_fp32_in_one_run(syn_
         out["onnx"]["users_per_s_batched"] / out["fp32"]["users_per_s_batched"], abs=1e-3)
     diff = out["onnx_retriever_score_diff"]
     assert diff["correlation"] > 0.9999 and diff["top10_overlap"] == 1.0, diff
+
+
+def test_every_encoder_of_the_items_ranker_is_compressed_and_its_scores_stay_close(syn_data, tokenizer, tmp_path):
+    """The items ranker runs two encoders per scored list (its frozen first stage for the retrieval
+    score, its trainable copy for the candidates): int8 / onnx-int8 replace both, and its scores of
+    a fixed set of shortlists stay close to fp32 (onnx: the same function)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    from recsys_ray.model.kinds.item_ranker import ItemTokenRanker
+    from recsys_ray.model.onnx_backend import OrtEncoder
+
+    items = Catalogue.from_data_dir(syn_data)
+    torch.manual_seed(0)
+    ret = from_config(ModelConfig(kind="retriever", history="items", tiny=SMALL, dropout=0.0), tokenizer,
+                      item_tokens=items.tokens)
+    ranker = ItemTokenRanker.from_retriever(ret, ModelConfig(kind="ranker", history="items", hard_pool=10))
+    with torch.no_grad():  # a trained-looking residual head (zero at first: the copy would not count)
+        ranker.rank_head.weight.normal_(0, 0.5)
+    path = ranker.save(tmp_path / "items-ranker", extra={"text": read_manifest(syn_data)["text"]})
+    items.save(path / "items.parquet")
+    rows = read_split_rows(syn_data, "test")[:32]
+    batch = {k: [r[k] for r in rows] for k in ("context_ids", "seen_item_ids", "profile_ids")}
+
+    def scores(p: Predictor) -> np.ndarray:
+        ctx = p.example_contexts(batch, "ranker")
+        return np.concatenate(p.score_many(ctx, [p.candidate_ids(list(range(j, j + 12))) for j in range(len(ctx))]))
+
+    base_scores = scores(Predictor(PredictorConfig(ranker=str(path))))
+    for precision, bound in (("int8", 0.1), ("onnx", 1e-4), ("onnx-int8", 0.1)):
+        p = Predictor(PredictorConfig(ranker=str(path), precision=precision))
+        for owner in (p.ranker, p.ranker.base):
+            if precision == "int8":
+                assert not any(type(m) is nn.Linear for m in owner.encoder.modules())
+                assert any(isinstance(m, DynamicLinear) for m in owner.encoder.modules())
+            else:
+                assert isinstance(owner.encoder, OrtEncoder)
+        s = scores(p)
+        rel = np.abs(s - base_scores).max() / (base_scores.max() - base_scores.min())
+        corr = np.corrcoef(s, base_scores)[0, 1]
+        print(f"items ranker {precision} vs fp32: max |diff| {rel:.2e} of the score range, correlation {corr:.5f}")
+        assert rel < bound and corr > 0.98

@@ -95,6 +95,9 @@ class ItemTokenRanker(ItemTokenRetriever):
                 getattr(self, name).requires_grad_(False)
         return self
 
+    def encoder_owners(self) -> list[nn.Module]:
+        return [self, self.base]  # both passes: the base's retrieval score and the copy's candidates
+
     def train(self, mode: bool = True) -> ItemTokenRanker:
         super().train(mode)
         self.base.eval()  # no dropout in the first stage's scores
