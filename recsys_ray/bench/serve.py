@@ -116,7 +116,7 @@ class BenchServeConfig:
     offline_pairs: int = 640  # pairs scored per offline measurement
     mode: Literal["ranker", "recommend"] = "ranker"  # recommend: local.yaml's retriever-only /v1/recommend vs offline
     recommend_concurrency: list[int] = dataclasses.field(default_factory=lambda: [1, 8])  # mode=recommend clients
-    precision: Literal["fp32", "int8", "onnx", "onnx-int8"] = "fp32"  # mode=recommend: the retriever's, offline and served
+    precision: Literal["fp32", "int8", "onnx", "onnx-int8"] = "fp32"  # both models', offline, plain and served (both modes)
     # mode=recommend: the app layouts measured one after the other (in_ingress: the ingress holds
     # the retriever, RetrieverAPI; separate: RecsysAPI -> a Retriever deployment through a handle;
     # direct: in_ingress, the clients calling the replica's own HTTP port, no proxy (Serve direct
@@ -449,7 +449,8 @@ def offline_throughput(ckpt: dict[str, str], bodies: list[dict], cfg: BenchServe
     thread_counts = [threads_before] if device.startswith("cuda") else sorted({1, os.cpu_count() or 1})
     for threads, bs in [(t, b) for t in thread_counts for b in cfg.offline_batch_sizes]:
         torch.set_num_threads(threads)
-        p = Predictor(PredictorConfig(ranker=ckpt["ranker"], items=ckpt["retriever"], device=device, batch_size=bs))
+        p = Predictor(PredictorConfig(ranker=ckpt["ranker"], items=ckpt["retriever"], device=device, batch_size=bs,
+                                      precision=cfg.precision))
         reqs = _ranker_pairs(p, bodies, cfg.offline_pairs)
         ctx = [c for c, cands in reqs for _ in cands]
         cands = [cand for _, cs in reqs for cand in cs]
@@ -462,7 +463,7 @@ def offline_throughput(ckpt: dict[str, str], bodies: list[dict], cfg: BenchServe
 
 
 def offline_single_candidate(ckpt: dict[str, str], bodies: list[dict], batch: int, device: str,
-                             requests: int = 96) -> dict:
+                             requests: int = 96, precision: str = "fp32") -> dict:
     """The model's own batching gain for one-candidate requests: ``score_many`` one request per call
     vs ``batch`` requests per call (what a Ranker replica's batcher does), one torch thread
     on CPU (a replica's share). No serving at all: the ceiling of Serve's batch on / off ratio."""
@@ -470,7 +471,8 @@ def offline_single_candidate(ckpt: dict[str, str], bodies: list[dict], batch: in
     if not device.startswith("cuda"):
         torch.set_num_threads(1)
     try:
-        p = Predictor(PredictorConfig(ranker=ckpt["ranker"], items=ckpt["retriever"], device=device, batch_size=128))
+        p = Predictor(PredictorConfig(ranker=ckpt["ranker"], items=ckpt["retriever"], device=device, batch_size=128,
+                                      precision=precision))
         reqs = _ranker_pairs(p, bodies, requests, per_body=1)
         out = {"requests": len(reqs), "batch": batch, "torch_threads": torch.get_num_threads()}
 
@@ -558,7 +560,8 @@ def bench_serve_config(cfg: BenchServeConfig, ckpt: dict[str, str], port: int, m
     config = yaml.safe_load(LOCAL_CONFIG.read_text())
     config["http_options"].update(host=HOST, port=port, request_timeout_s=REQUEST_TIMEOUT_S)
     app = config["applications"][0]
-    app["args"].update(checkpoint=ckpt["retriever"], ranker_checkpoint=ckpt["ranker"], rerank_top=cfg.rerank_top)
+    app["args"].update(checkpoint=ckpt["retriever"], ranker_checkpoint=ckpt["ranker"], rerank_top=cfg.rerank_top,
+                       precision=cfg.precision)
     app["args"].pop("demo_data", None)  # the demo page's users: not part of what is measured
     deps = {d["name"]: d for d in app["deployments"]}
     if cfg.gpu:
@@ -746,7 +749,7 @@ def plain_server(ckpt: dict[str, str], cfg: BenchServeConfig, log_path: Path):
     port = free_port(HOST)
     cmd = [sys.executable, "-m", "recsys_ray.bench.serve_plain", "--checkpoint", ckpt["retriever"],
            "--ranker-checkpoint", ckpt["ranker"], "--rerank-top", str(cfg.rerank_top),
-           "--device", "auto" if cfg.gpu else "cpu", "--host", HOST, "--port", str(port)]
+           "--device", "auto" if cfg.gpu else "cpu", "--precision", cfg.precision, "--host", HOST, "--port", str(port)]
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=str(REPO))
         try:
@@ -973,7 +976,7 @@ def run_bench_serve(cfg: BenchServeConfig, command: str = "") -> dict:
         offline = offline_throughput(ckpt, bodies, cfg, device)
         if cfg.single_candidate_compare:
             on_batch = ranker_batch_size(bench_serve_config(cfg, ckpt, 0))
-            offline["single_candidate"] = offline_single_candidate(ckpt, bodies, on_batch, device)
+            offline["single_candidate"] = offline_single_candidate(ckpt, bodies, on_batch, device, precision=cfg.precision)
         plain = run_plain(cfg, ckpt, bodies, out_dir)
         served = run_serve(cfg, ckpt, bodies, rec_bodies)
     finally:

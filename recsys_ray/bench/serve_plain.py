@@ -135,13 +135,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rerank-top", type=int, default=50)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--torch-threads", type=int, default=None)
+    parser.add_argument("--precision", default="fp32", help="fp32 | int8 | bf16 | fp16 | onnx | onnx-int8 (both models)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     a = parser.parse_args(argv)
     setup_logging()
     try:
         app, _ = build_plain_app(AppArgs(checkpoint=a.checkpoint, ranker_checkpoint=a.ranker_checkpoint, items=a.items,
-                                         rerank_top=a.rerank_top, device=a.device, torch_threads=a.torch_threads))
+                                         rerank_top=a.rerank_top, device=a.device, torch_threads=a.torch_threads,
+                                         precision=a.precision))
     except RecsysError as exc:
         raise SystemExit(f"error: {exc}") from None
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning")

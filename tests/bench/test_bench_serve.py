@@ -147,6 +147,10 @@ def test_bench_config_checks_and_the_serve_config_it_deploys(tmp_path):
     ranker = {d["name"]: d for d in pinned["applications"][0]["deployments"]}["Ranker"]
     assert ranker["num_replicas"] == 2 and "autoscaling_config" not in ranker
     assert ranker_batch_size(config) == 1 and ranker_batch_size(pinned) == 16  # local.yaml's Ranker
+    # precision reaches the deployed app (both models), as it reaches the offline and plain measurements
+    assert app.args["precision"] == "fp32"
+    int8 = bench_serve_config(load_bench_serve_config({"precision": "int8"}), ckpt, port=12345)
+    assert ServeDeploySchema.model_validate(int8).applications[0].args["precision"] == "int8"
 
 
 def _burn(seconds: float) -> None:
@@ -192,10 +196,11 @@ def test_offline_single_candidate_times_one_request_per_call_vs_batched(syn_data
     from recsys_ray.data.catalogue import Catalogue
 
     bodies = request_bodies(syn_data, Catalogue.load(ckpt["retriever"]).ids, candidates=3, seed=0)
-    out = offline_single_candidate(ckpt, bodies, batch=4, device="cpu", requests=16)
-    assert out["requests"] == min(16, len(bodies)) and out["batch"] == 4 and out["torch_threads"] == 1
-    assert out["one_per_pass_pairs_per_s"] > 0 and out["batched_pairs_per_s"] > 0
-    assert out["ratio"] == pytest.approx(out["batched_pairs_per_s"] / out["one_per_pass_pairs_per_s"], rel=0.01)
+    for precision in ("fp32", "int8"):  # the compressed ranker measured the same way
+        out = offline_single_candidate(ckpt, bodies, batch=4, device="cpu", requests=16, precision=precision)
+        assert out["requests"] == min(16, len(bodies)) and out["batch"] == 4 and out["torch_threads"] == 1
+        assert out["one_per_pass_pairs_per_s"] > 0 and out["batched_pairs_per_s"] > 0
+        assert out["ratio"] == pytest.approx(out["batched_pairs_per_s"] / out["one_per_pass_pairs_per_s"], rel=0.01)
 
 
 def test_the_two_retriever_layouts_carry_the_same_model_settings():
