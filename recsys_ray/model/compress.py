@@ -34,7 +34,8 @@ HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def compress(model: nn.Module, precision: str, device: torch.device) -> nn.Module:
-    """``model`` in ``precision`` (in place; returns it). fp32 changes nothing."""
+    """``model`` (a :class:`~recsys_ray.model.base.BertRecommender`) in ``precision`` (in place;
+    returns it). fp32 changes nothing."""
     if precision not in PRECISIONS:
         raise RecsysError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
@@ -43,8 +44,7 @@ def compress(model: nn.Module, precision: str, device: torch.device) -> nn.Modul
         raise RecsysError(f"precision {precision} runs on CPU only (device is {device}); use fp32, bf16 or fp16 on GPUs")
     if precision not in HALF and getattr(model, "lora_rank", None) is not None:
         raise RecsysError(f"precision {precision} needs plain weights: this checkpoint carries unmerged LoRA adapters")
-    owners = model.encoder_owners() if hasattr(model, "encoder_owners") else [model]
-    for owner in owners:  # every encoder the model runs (the items ranker: its first stage's as well)
+    for owner in model.encoder_owners():  # every encoder the model runs (the items ranker: its first stage's as well)
         _compress_encoder(owner, precision)
         owner.precision = precision
     return model
